@@ -1,0 +1,155 @@
+"""The S3 backend of the storage root (`s3://bucket/prefix`), through boto3.
+
+Endpoint from `HERD_S3_ENDPOINT` or `AWS_ENDPOINT_URL`, credentials from the usual AWS chain.
+Large files go up in multipart through boto3's transfer manager; transient errors are retried
+with backoff by botocore's standard retry mode. Every failure that reaches the user names the
+object and the reason, never a bare traceback.
+"""
+
+from __future__ import annotations
+
+import os
+import threading
+from pathlib import Path
+from urllib.parse import urlparse
+
+import boto3
+from boto3.s3.transfer import TransferConfig
+from botocore.config import Config
+from botocore.exceptions import BotoCoreError, ClientError, EndpointConnectionError, NoCredentialsError
+
+from cluster.storage import NotFound, Storage, StorageError, check_key
+
+_DENIED = {"AccessDenied", "SignatureDoesNotMatch", "InvalidAccessKeyId", "InvalidToken",
+           "ExpiredToken", "403", "AllAccessDisabled"}
+_MISSING = {"NoSuchKey", "404", "NotFound"}
+_TRANSFER = TransferConfig(multipart_threshold=16 * 2**20, multipart_chunksize=16 * 2**20, max_concurrency=4)
+
+
+class S3Storage(Storage):
+    def __init__(self, url: str):
+        parsed = urlparse(url)
+        if parsed.scheme != "s3" or not parsed.netloc:
+            raise StorageError(f"storage root {url!r}: expected s3://bucket/prefix")
+        self.bucket = parsed.netloc
+        self.prefix = parsed.path.strip("/")
+        self.url = f"s3://{self.bucket}/{self.prefix}".rstrip("/")
+        self.endpoint = os.environ.get("HERD_S3_ENDPOINT") or os.environ.get("AWS_ENDPOINT_URL")
+        self._local = threading.local()
+
+    @property
+    def client(self):
+        # boto3 clients are thread-safe but sessions are not; one client per thread is simplest.
+        client = getattr(self._local, "client", None)
+        if client is None:
+            config = Config(s3={"addressing_style": "path"}, retries={"max_attempts": 5, "mode": "standard"},
+                            connect_timeout=5, read_timeout=60)
+            client = boto3.session.Session().client(
+                "s3", endpoint_url=self.endpoint, config=config,
+                region_name=os.environ.get("AWS_REGION") or os.environ.get("AWS_DEFAULT_REGION") or "us-east-1")
+            self._local.client = client
+        return client
+
+    def _key(self, key: str) -> str:
+        key = check_key(key)
+        return f"{self.prefix}/{key}" if self.prefix else key
+
+    def _error(self, e: Exception, key: str, action: str) -> StorageError:
+        where = self.describe(key)
+        if isinstance(e, NoCredentialsError):
+            return StorageError(f"no AWS credentials to {action} {where}; set AWS_ACCESS_KEY_ID/AWS_SECRET_ACCESS_KEY")
+        if isinstance(e, EndpointConnectionError):
+            return StorageError(f"cannot reach the S3 endpoint {self.endpoint or 'AWS'} to {action} {where}; "
+                                "check HERD_S3_ENDPOINT/AWS_ENDPOINT_URL")
+        if isinstance(e, ClientError):
+            code = str(e.response.get("Error", {}).get("Code", ""))
+            if code in _DENIED:
+                return StorageError(f"access denied for {where} ({code}), "
+                                    "check AWS_ACCESS_KEY_ID/AWS_SECRET_ACCESS_KEY")
+            if code in _MISSING:
+                return NotFound(f"{where}: not found")
+            if code == "NoSuchBucket":
+                return StorageError(f"bucket {self.bucket!r} does not exist (needed to {action} {where}); create it first")
+            return StorageError(f"S3 error {code} while trying to {action} {where}: {e}")
+        return StorageError(f"S3 failure while trying to {action} {where}: {e}")
+
+    def _call(self, action: str, key: str, fn, *args, **kwargs):
+        try:
+            return fn(*args, **kwargs)
+        except (ClientError, BotoCoreError) as e:
+            raise self._error(e, key, action) from None
+
+    def read_bytes(self, key: str) -> bytes:
+        resp = self._call("read", key, self.client.get_object, Bucket=self.bucket, Key=self._key(key))
+        return resp["Body"].read()
+
+    def write_bytes(self, key: str, data: bytes) -> None:
+        self._call("write", key, self.client.put_object, Bucket=self.bucket, Key=self._key(key), Body=data)
+
+    def put_if_absent(self, key: str, data: bytes) -> bool:
+        try:
+            self.client.put_object(Bucket=self.bucket, Key=self._key(key), Body=data, IfNoneMatch="*")
+            return True
+        except ClientError as e:
+            code = str(e.response.get("Error", {}).get("Code", ""))
+            if code in ("PreconditionFailed", "412", "ConditionalRequestConflict", "409"):
+                return False
+            raise self._error(e, key, "create") from None
+        except BotoCoreError as e:
+            raise self._error(e, key, "create") from None
+
+    def upload_file(self, local: str | Path, key: str) -> None:
+        self._call("upload", key, self.client.upload_file, str(local), self.bucket, self._key(key), Config=_TRANSFER)
+
+    def download_file(self, key: str, local: str | Path) -> None:
+        Path(local).parent.mkdir(parents=True, exist_ok=True)
+        tmp = Path(f"{local}.part")
+        self._call("download", key, self.client.download_file, self.bucket, self._key(key), str(tmp), Config=_TRANSFER)
+        tmp.replace(local)
+
+    def exists(self, key: str) -> bool:
+        try:
+            self.client.head_object(Bucket=self.bucket, Key=self._key(key))
+            return True
+        except ClientError as e:
+            err = self._error(e, key, "check")
+            if isinstance(err, NotFound):
+                return bool(self.list_keys(key))  # a "folder"
+            raise err from None
+        except BotoCoreError as e:
+            raise self._error(e, key, "check") from None
+
+    def _list(self, prefix: str, delimiter: bool):
+        base = self._key(prefix) + "/" if prefix not in ("", "/") else (self.prefix + "/" if self.prefix else "")
+        paginator = self.client.get_paginator("list_objects_v2")
+        kwargs = {"Bucket": self.bucket, "Prefix": base}
+        if delimiter:
+            kwargs["Delimiter"] = "/"
+        try:
+            for page in paginator.paginate(**kwargs):
+                yield base, page
+        except (ClientError, BotoCoreError) as e:
+            raise self._error(e, prefix or "", "list") from None
+
+    def list_keys(self, prefix: str) -> list[str]:
+        strip = len(self.prefix) + 1 if self.prefix else 0
+        return sorted(obj["Key"][strip:] for _, page in self._list(prefix, False) for obj in page.get("Contents", []))
+
+    def list_children(self, prefix: str) -> list[str]:
+        names = set()
+        for base, page in self._list(prefix, True):
+            names.update(o["Key"][len(base):] for o in page.get("Contents", []))
+            names.update(p["Prefix"][len(base):].rstrip("/") for p in page.get("CommonPrefixes", []))
+        return sorted(n for n in names if n)
+
+    def delete(self, key: str) -> None:
+        self._call("delete", key, self.client.delete_object, Bucket=self.bucket, Key=self._key(key))
+
+    def delete_prefix(self, prefix: str) -> None:
+        keys = [self._key(k) for k in self.list_keys(prefix)]
+        for i in range(0, len(keys), 1000):
+            batch = {"Objects": [{"Key": k} for k in keys[i:i + 1000]], "Quiet": True}
+            self._call("delete", prefix, self.client.delete_objects, Bucket=self.bucket, Delete=batch)
+
+    def local_path(self, prefix: str) -> Path | None:
+        return None

@@ -1,0 +1,209 @@
+"""The Llama 2 transformer in one file: RMSNorm, RoPE, grouped-query attention, SwiGLU.
+
+Parameter names follow Meta's reference (`tok_embeddings`, `layers.N.attention.wq`, ...); the
+rotary embedding uses Hugging Face's half-split convention, so HF safetensors load with a rename
+only and Meta checkpoints get the q/k permutation once at import (llama/meta_format.py).
+
+Every forward takes explicit positions and an optional KV cache, so the same code serves
+training (no cache, causal), single-prompt generation, and the serving engine's batched
+prefill/decode over cache slots.
+"""
+
+from __future__ import annotations
+
+from typing import Protocol
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from llama.config import LlamaConfig
+
+
+class RMSNorm(nn.Module):
+    def __init__(self, dim: int, eps: float):
+        super().__init__()
+        self.eps = eps
+        self.weight = nn.Parameter(torch.ones(dim))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        # Normalise in fp32 whatever the activation dtype, as both references do.
+        xf = x.float()
+        xf = xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + self.eps)
+        return self.weight * xf.to(x.dtype)
+
+
+def rope_inv_freq(head_dim: int, theta: float) -> torch.Tensor:
+    return 1.0 / (theta ** (torch.arange(0, head_dim, 2, dtype=torch.int64, device="cpu").float() / head_dim))
+
+
+def rope_cos_sin(inv_freq: torch.Tensor, positions: torch.Tensor, dtype: torch.dtype):
+    """cos/sin tables for `positions` [B, T] -> [B, T, head_dim], computed in fp32."""
+    freqs = positions.float()[..., None] * inv_freq.to(positions.device)[None, None, :]
+    emb = torch.cat((freqs, freqs), dim=-1)
+    return emb.cos().to(dtype), emb.sin().to(dtype)
+
+
+def _rotate_half(x: torch.Tensor) -> torch.Tensor:
+    x1, x2 = x.chunk(2, dim=-1)
+    return torch.cat((-x2, x1), dim=-1)
+
+
+def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+    """x: [B, H, T, D]; cos/sin: [B, T, D]."""
+    cos, sin = cos[:, None], sin[:, None]
+    return x * cos + _rotate_half(x) * sin
+
+
+class KVCache(Protocol):
+    """What attention needs from a cache; the serving engine brings its own slot-based one."""
+
+    def update(self, layer: int, k: torch.Tensor, v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Store k/v [B, KVH, T, D] at this step's positions; return the keys/values to attend to."""
+        ...
+
+    def attention_mask(self) -> torch.Tensor | None:
+        """Boolean [B, 1, T, S] (True = attend) matching what `update` returns, or None for causal."""
+        ...
+
+
+class SlotKVCache:
+    """A preallocated cache: `slots` rows of `max_seq_len` positions per layer.
+
+    Memory is fixed at construction and reused: a request owns a slot (a row) while it runs.
+    Before each forward, `bind(rows, positions)` says which slots the batch rows are and where
+    their tokens sit; attention then covers positions up to the furthest one in the batch.
+    """
+
+    def __init__(self, cfg: LlamaConfig, slots: int, max_seq_len: int | None = None,
+                 dtype: torch.dtype = torch.float32, device: torch.device | str = "cpu",
+                 n_kv_heads: int | None = None):
+        self.max_seq_len = max_seq_len or cfg.max_seq_len
+        kvh = n_kv_heads or cfg.n_kv_heads
+        shape = (cfg.n_layers, slots, kvh, self.max_seq_len, cfg.head_dim)
+        self.k = torch.zeros(shape, dtype=dtype, device=device)
+        self.v = torch.zeros(shape, dtype=dtype, device=device)
+        self._rows: torch.Tensor | None = None
+        self._positions: torch.Tensor | None = None
+        self._span = 0
+
+    def bind(self, rows: torch.Tensor, positions: torch.Tensor) -> None:
+        """rows: [B] slot indices; positions: [B, T] absolute positions of this step's tokens."""
+        if int(positions.max()) >= self.max_seq_len:
+            raise ValueError(f"position {int(positions.max())} is beyond the cache ({self.max_seq_len})")
+        self._rows, self._positions = rows, positions
+        self._span = int(positions.max()) + 1
+
+    def update(self, layer: int, k: torch.Tensor, v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        rows, pos = self._rows, self._positions
+        assert rows is not None and pos is not None, "bind() the cache before a forward"
+        b, h, t, d = k.shape
+        # Scatter this step's keys/values into their slots at their positions.
+        r = rows[:, None].expand(b, t)
+        self.k[layer][r, :, pos] = k.transpose(1, 2)
+        self.v[layer][r, :, pos] = v.transpose(1, 2)
+        return self.k[layer][rows, :, : self._span], self.v[layer][rows, :, : self._span]
+
+    def attention_mask(self) -> torch.Tensor:
+        assert self._positions is not None
+        keys = torch.arange(self._span, device=self._positions.device)
+        return (keys[None, None, :] <= self._positions[:, :, None])[:, None]
+
+
+class Attention(nn.Module):
+    def __init__(self, cfg: LlamaConfig):
+        super().__init__()
+        self.n_heads, self.n_kv_heads, self.head_dim = cfg.n_heads, cfg.n_kv_heads, cfg.head_dim
+        self.wq = nn.Linear(cfg.dim, cfg.n_heads * cfg.head_dim, bias=False)
+        self.wk = nn.Linear(cfg.dim, cfg.n_kv_heads * cfg.head_dim, bias=False)
+        self.wv = nn.Linear(cfg.dim, cfg.n_kv_heads * cfg.head_dim, bias=False)
+        self.wo = nn.Linear(cfg.n_heads * cfg.head_dim, cfg.dim, bias=False)
+
+    def forward(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, layer: int,
+                cache: KVCache | None) -> torch.Tensor:
+        b, t, _ = x.shape
+        # Head counts come from the weights so that a tensor-parallel shard runs the same code.
+        q = self.wq(x).view(b, t, -1, self.head_dim).transpose(1, 2)
+        k = self.wk(x).view(b, t, -1, self.head_dim).transpose(1, 2)
+        v = self.wv(x).view(b, t, -1, self.head_dim).transpose(1, 2)
+        q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
+        mask = None
+        if cache is not None:
+            k, v = cache.update(layer, k, v)
+            mask = cache.attention_mask()
+        groups = q.shape[1] // k.shape[1]
+        if groups > 1:
+            k = k.repeat_interleave(groups, dim=1)
+            v = v.repeat_interleave(groups, dim=1)
+        if mask is None:
+            out = F.scaled_dot_product_attention(q, k, v, is_causal=t > 1)
+        else:
+            out = F.scaled_dot_product_attention(q, k, v, attn_mask=mask)
+        return self.wo(out.transpose(1, 2).reshape(b, t, -1))
+
+
+class FeedForward(nn.Module):
+    def __init__(self, cfg: LlamaConfig):
+        super().__init__()
+        self.w1 = nn.Linear(cfg.dim, cfg.intermediate_size, bias=False)  # gate
+        self.w3 = nn.Linear(cfg.dim, cfg.intermediate_size, bias=False)  # up
+        self.w2 = nn.Linear(cfg.intermediate_size, cfg.dim, bias=False)  # down
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.w2(F.silu(self.w1(x)) * self.w3(x))
+
+
+class TransformerBlock(nn.Module):
+    def __init__(self, cfg: LlamaConfig, layer: int):
+        super().__init__()
+        self.layer = layer
+        self.attention = Attention(cfg)
+        self.feed_forward = FeedForward(cfg)
+        self.attention_norm = RMSNorm(cfg.dim, cfg.norm_eps)
+        self.ffn_norm = RMSNorm(cfg.dim, cfg.norm_eps)
+
+    def forward(self, x, cos, sin, cache):
+        h = x + self.attention(self.attention_norm(x), cos, sin, self.layer, cache)
+        return h + self.feed_forward(self.ffn_norm(h))
+
+
+class Transformer(nn.Module):
+    def __init__(self, cfg: LlamaConfig):
+        super().__init__()
+        self.cfg = cfg
+        self.tok_embeddings = nn.Embedding(cfg.vocab_size, cfg.dim)
+        self.layers = nn.ModuleList(TransformerBlock(cfg, i) for i in range(cfg.n_layers))
+        self.norm = RMSNorm(cfg.dim, cfg.norm_eps)
+        self.output = nn.Linear(cfg.dim, cfg.vocab_size, bias=False)
+        # A plain fp32 tensor, not a buffer: `model.to(bfloat16)` must not round the frequencies.
+        self.inv_freq = rope_inv_freq(cfg.head_dim, cfg.rope_theta)
+
+    def forward(self, tokens: torch.Tensor, positions: torch.Tensor | None = None,
+                cache: KVCache | None = None, last_only: bool = False) -> torch.Tensor:
+        """tokens [B, T] -> logits [B, T, V] (or [B, 1, V] with `last_only`).
+
+        Without a cache the sequence is attended causally from position 0 (training, scoring).
+        With a cache, `positions` [B, T] place the tokens; the cache supplies the mask.
+        """
+        b, t = tokens.shape
+        if positions is None:
+            positions = torch.arange(t, device=tokens.device).expand(b, t)
+        h = self.tok_embeddings(tokens)
+        cos, sin = rope_cos_sin(self.inv_freq, positions, h.dtype)
+        for layer in self.layers:
+            h = layer(h, cos, sin, cache)
+        if last_only:
+            h = h[:, -1:]
+        return self.output(self.norm(h)).float()
+
+
+def init_weights(model: Transformer, seed: int = 0, std: float = 0.02) -> Transformer:
+    """Random weights for tests and tiny models; norms start at one as in training."""
+    gen = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if name.endswith("norm.weight"):
+                p.fill_(1.0)
+            else:
+                p.copy_(torch.randn(p.shape, generator=gen) * std)
+    return model

@@ -1,0 +1,75 @@
+"""Tiny Llama-shaped models for tests and the demo, with a tokenizer Herd trains itself.
+
+No weights can be downloaded, so Herd makes its own: a sentencepiece BPE tokenizer trained on
+the King James Bible (public domain, shipped gzipped in `llama/data/`) with Llama 2's special
+ids and byte fallback, and a randomly initialised model of a tiny preset shape.
+"""
+
+from __future__ import annotations
+
+import gzip
+import hashlib
+import io
+import os
+import shutil
+from pathlib import Path
+
+import sentencepiece as spm
+import torch
+
+from llama.config import LlamaConfig, preset
+from llama.model import Transformer, init_weights
+from llama.weights import save_model
+
+CORPUS = Path(__file__).parent / "data" / "kjv.txt.gz"
+
+
+def corpus_lines(max_chars: int | None = None) -> list[str]:
+    """Lines of the shipped text (the first `max_chars` characters if given)."""
+    with gzip.open(CORPUS, "rt", encoding="utf-8") as f:
+        text = f.read(max_chars) if max_chars else f.read()
+    return [line for line in text.splitlines() if line.strip()]
+
+
+def cache_dir() -> Path:
+    return Path(os.environ.get("HERD_CACHE_DIR", Path.home() / ".cache" / "herd"))
+
+
+def train_tokenizer(out_path: str | Path, vocab_size: int = 1000, corpus_chars: int = 1_500_000) -> Path:
+    """Train (or reuse from the cache) a Llama-2-style sentencepiece model; copy it to `out_path`.
+
+    Llama 2's tokenizer settings: BPE, unk=0 bos=1 eos=2 no pad, byte fallback, split digits,
+    identity normalisation, whitespace kept as is.
+    """
+    key = hashlib.sha256(f"{vocab_size}:{corpus_chars}:{CORPUS.stat().st_size}:v1".encode()).hexdigest()[:16]
+    cached = cache_dir() / f"tokenizer-{key}.model"
+    if not cached.is_file():
+        cached.parent.mkdir(parents=True, exist_ok=True)
+        model = io.BytesIO()
+        spm.SentencePieceTrainer.train(
+            sentence_iterator=iter(corpus_lines(corpus_chars)), model_writer=model,
+            model_type="bpe", vocab_size=vocab_size, unk_id=0, bos_id=1, eos_id=2, pad_id=-1,
+            byte_fallback=True, split_digits=True, normalization_rule_name="identity",
+            remove_extra_whitespaces=False, add_dummy_prefix=True, allow_whitespace_only_pieces=True,
+            character_coverage=1.0, max_sentence_length=4096, num_threads=2,
+            shuffle_input_sentence=False, minloglevel=2,
+        )
+        tmp = cached.with_suffix(f".tmp{os.getpid()}")
+        tmp.write_bytes(model.getvalue())
+        tmp.replace(cached)
+    out_path = Path(out_path)
+    out_path.parent.mkdir(parents=True, exist_ok=True)
+    shutil.copyfile(cached, out_path)
+    return out_path
+
+
+def create_tiny(directory: str | Path, preset_name: str = "tiny", seed: int = 0,
+                cfg: LlamaConfig | None = None) -> Path:
+    """Write a random tiny model in HF layout (config.json, model.safetensors, tokenizer.model)."""
+    directory = Path(directory)
+    cfg = cfg or preset(preset_name)
+    train_tokenizer(directory / "tokenizer.model", vocab_size=cfg.vocab_size)
+    torch.manual_seed(seed)
+    model = init_weights(Transformer(cfg), seed=seed)
+    save_model(model, directory)
+    return directory
