@@ -105,9 +105,10 @@ def dialog_segments(dialog: list[Message]) -> list[Segment]:
 
 def encode_dialog(tokenizer: Tokenizer, dialog: list[Message]) -> list[int]:
     """Prompt tokens for a dialog that ends with a user turn (what chat completion sends)."""
-    if dialog and dialog[-1].get("role") != "user":
+    segments = dialog_segments(dialog)
+    if dialog[-1]["role"] != "user":
         raise DialogError("the last message must come from the user")
     ids: list[int] = []
-    for seg in dialog_segments(dialog):
+    for seg in segments:
         ids += tokenizer.encode(seg.text, bos=seg.bos, eos=seg.eos)
     return ids

@@ -1,0 +1,41 @@
+"""Shared fixtures: a trained tokenizer, tiny models, and HF reference models built from them."""
+
+from __future__ import annotations
+
+import os
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+os.environ.setdefault("DS_ACCELERATOR", "cpu")
+os.environ.setdefault("HERD_CACHE_DIR", str(Path(__file__).resolve().parents[1] / ".cache" / "herd"))
+sys.path.insert(0, str(Path(__file__).parent))
+
+from llama.config import LlamaConfig  # noqa: E402
+from llama.model import Transformer, init_weights  # noqa: E402
+from llama.tiny import train_tokenizer  # noqa: E402
+from llama.weights import save_model  # noqa: E402
+
+
+@pytest.fixture(scope="session")
+def tokenizer_path(tmp_path_factory) -> Path:
+    return train_tokenizer(tmp_path_factory.mktemp("tok") / "tokenizer.model", vocab_size=1000)
+
+
+def make_model(cfg: LlamaConfig, seed: int = 0) -> Transformer:
+    torch.manual_seed(seed)
+    return init_weights(Transformer(cfg), seed=seed).eval()
+
+
+def to_hf(model: Transformer, directory: Path):
+    """The same weights as a transformers LlamaForCausalLM (the reference implementation)."""
+    from transformers import LlamaForCausalLM
+    save_model(model, directory)
+    return LlamaForCausalLM.from_pretrained(directory, dtype=torch.float32).eval()
+
+
+@pytest.fixture
+def storage_dir(tmp_path) -> Path:
+    return tmp_path / "storage"
