@@ -17,8 +17,8 @@ from llama.config import LlamaConfig
 from llama.meta_format import is_meta_dir, load_meta_checkpoint
 from llama.tiny import cache_dir, create_tiny
 from llama.tokenizer import Tokenizer
-from llama.weights import INDEX_FILE, SINGLE_FILE, load_model, save_safetensors, state_dict_from_hf, \
-    check_state_dict, load_safetensors, state_dict_to_hf
+from llama.weights import INDEX_FILE, check_state_dict, load_model, load_safetensors, save_safetensors, \
+    state_dict_from_hf, state_dict_to_hf
 
 MODELS = "models"
 
@@ -38,6 +38,15 @@ def list_models(storage: Storage) -> list[dict]:
                     "kv_heads": cfg.n_kv_heads, "vocab_size": cfg.vocab_size,
                     "parameters": cfg.num_parameters(), "max_seq_len": cfg.max_seq_len})
     return out
+
+
+def load_config(storage: Storage, name: str) -> LlamaConfig:
+    key = f"{model_prefix(name)}/config.json"
+    try:
+        raw = json.loads(storage.read_text(key))
+    except NotFound:
+        raise NotFound(f"model {name!r} not found in {storage.url}; see `herd models list`") from None
+    return LlamaConfig.from_hf_dict(raw, source=storage.describe(key))
 
 
 def model_exists(storage: Storage, name: str) -> bool:
@@ -121,6 +130,3 @@ def load_base(storage: Storage, name: str, **kwargs):
     directory = local_model_dir(storage, name)
     return load_model(directory, **kwargs), Tokenizer(directory / "tokenizer.model")
 
-
-__all__ = ["list_models", "import_model", "create_tiny_model", "local_model_dir", "load_base", "model_exists",
-           "SINGLE_FILE"]

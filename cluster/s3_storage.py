@@ -10,19 +10,24 @@ from __future__ import annotations
 
 import os
 import threading
+import time
 from pathlib import Path
 from urllib.parse import urlparse
 
 import boto3
 from boto3.s3.transfer import TransferConfig
 from botocore.config import Config
-from botocore.exceptions import BotoCoreError, ClientError, EndpointConnectionError, NoCredentialsError
+from botocore.exceptions import (BotoCoreError, ClientError, ConnectionClosedError, ConnectTimeoutError,
+                                 EndpointConnectionError, NoCredentialsError, ReadTimeoutError)
 
 from cluster.storage import NotFound, Storage, StorageError, check_key
 
 _DENIED = {"AccessDenied", "SignatureDoesNotMatch", "InvalidAccessKeyId", "InvalidToken",
            "ExpiredToken", "403", "AllAccessDisabled"}
 _MISSING = {"NoSuchKey", "404", "NotFound"}
+_TRANSIENT_CODES = {"500", "502", "503", "504", "InternalError", "ServiceUnavailable", "SlowDown",
+                    "RequestTimeout", "RequestTimeTooSkewed"}
+_TRANSIENT_ERRORS = (EndpointConnectionError, ConnectionClosedError, ConnectTimeoutError, ReadTimeoutError)
 _TRANSFER = TransferConfig(multipart_threshold=16 * 2**20, multipart_chunksize=16 * 2**20, max_concurrency=4)
 
 
@@ -42,7 +47,7 @@ class S3Storage(Storage):
         # boto3 clients are thread-safe but sessions are not; one client per thread is simplest.
         client = getattr(self._local, "client", None)
         if client is None:
-            config = Config(s3={"addressing_style": "path"}, retries={"max_attempts": 5, "mode": "standard"},
+            config = Config(s3={"addressing_style": "path"}, retries={"max_attempts": 3, "mode": "standard"},
                             connect_timeout=5, read_timeout=60)
             client = boto3.session.Session().client(
                 "s3", endpoint_url=self.endpoint, config=config,
@@ -74,10 +79,27 @@ class S3Storage(Storage):
         return StorageError(f"S3 failure while trying to {action} {where}: {e}")
 
     def _call(self, action: str, key: str, fn, *args, **kwargs):
-        try:
-            return fn(*args, **kwargs)
-        except (ClientError, BotoCoreError) as e:
-            raise self._error(e, key, action) from None
+        """Run one S3 call; ride out transient failures (outages, 5xx) with exponential backoff.
+
+        botocore retries quickly on its own (3 attempts); on top of that Herd waits 0.5, 1, 2, 4 s
+        between rounds (HERD_S3_RETRIES rounds, default 5), enough for a server restart or a
+        short network blip, and then names the object and the reason.
+        """
+        rounds = max(1, int(os.environ.get("HERD_S3_RETRIES", "5")))
+        for attempt in range(rounds):
+            try:
+                return fn(*args, **kwargs)
+            except ClientError as e:
+                code = str(e.response.get("Error", {}).get("Code", ""))
+                if code not in _TRANSIENT_CODES or attempt == rounds - 1:
+                    raise self._error(e, key, action) from None
+            except _TRANSIENT_ERRORS as e:
+                if attempt == rounds - 1:
+                    raise self._error(e, key, action) from None
+            except BotoCoreError as e:
+                raise self._error(e, key, action) from None
+            time.sleep(0.5 * 2 ** attempt)
+        raise AssertionError("unreachable")
 
     def read_bytes(self, key: str) -> bytes:
         resp = self._call("read", key, self.client.get_object, Bucket=self.bucket, Key=self._key(key))
@@ -88,15 +110,19 @@ class S3Storage(Storage):
 
     def put_if_absent(self, key: str, data: bytes) -> bool:
         try:
-            self.client.put_object(Bucket=self.bucket, Key=self._key(key), Body=data, IfNoneMatch="*")
+            self._call("create", key, self._put_new, key, data)
             return True
+        except _Taken:
+            return False
+
+    def _put_new(self, key: str, data: bytes) -> None:
+        try:
+            self.client.put_object(Bucket=self.bucket, Key=self._key(key), Body=data, IfNoneMatch="*")
         except ClientError as e:
             code = str(e.response.get("Error", {}).get("Code", ""))
             if code in ("PreconditionFailed", "412", "ConditionalRequestConflict", "409"):
-                return False
-            raise self._error(e, key, "create") from None
-        except BotoCoreError as e:
-            raise self._error(e, key, "create") from None
+                raise _Taken() from None
+            raise
 
     def upload_file(self, local: str | Path, key: str) -> None:
         self._call("upload", key, self.client.upload_file, str(local), self.bucket, self._key(key), Config=_TRANSFER)
@@ -109,35 +135,28 @@ class S3Storage(Storage):
 
     def exists(self, key: str) -> bool:
         try:
-            self.client.head_object(Bucket=self.bucket, Key=self._key(key))
+            self._call("check", key, self.client.head_object, Bucket=self.bucket, Key=self._key(key))
             return True
-        except ClientError as e:
-            err = self._error(e, key, "check")
-            if isinstance(err, NotFound):
-                return bool(self.list_keys(key))  # a "folder"
-            raise err from None
-        except BotoCoreError as e:
-            raise self._error(e, key, "check") from None
+        except NotFound:
+            return bool(self.list_keys(key))  # a "folder"
 
-    def _list(self, prefix: str, delimiter: bool):
+    def _list(self, prefix: str, delimiter: bool) -> tuple[str, list[dict]]:
         base = self._key(prefix) + "/" if prefix not in ("", "/") else (self.prefix + "/" if self.prefix else "")
-        paginator = self.client.get_paginator("list_objects_v2")
         kwargs = {"Bucket": self.bucket, "Prefix": base}
         if delimiter:
             kwargs["Delimiter"] = "/"
-        try:
-            for page in paginator.paginate(**kwargs):
-                yield base, page
-        except (ClientError, BotoCoreError) as e:
-            raise self._error(e, prefix or "", "list") from None
+        pages = self.client.get_paginator("list_objects_v2").paginate(**kwargs)
+        return base, self._call("list", prefix or "", list, pages)
 
     def list_keys(self, prefix: str) -> list[str]:
         strip = len(self.prefix) + 1 if self.prefix else 0
-        return sorted(obj["Key"][strip:] for _, page in self._list(prefix, False) for obj in page.get("Contents", []))
+        _, pages = self._list(prefix, False)
+        return sorted(obj["Key"][strip:] for page in pages for obj in page.get("Contents", []))
 
     def list_children(self, prefix: str) -> list[str]:
         names = set()
-        for base, page in self._list(prefix, True):
+        base, pages = self._list(prefix, True)
+        for page in pages:
             names.update(o["Key"][len(base):] for o in page.get("Contents", []))
             names.update(p["Prefix"][len(base):].rstrip("/") for p in page.get("CommonPrefixes", []))
         return sorted(n for n in names if n)
@@ -153,3 +172,7 @@ class S3Storage(Storage):
 
     def local_path(self, prefix: str) -> Path | None:
         return None
+
+
+class _Taken(Exception):
+    """put_if_absent found the key already there (not an error, not retried)."""

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import os
 import sys
+import uuid
 from pathlib import Path
 
 import pytest
@@ -39,3 +40,24 @@ def to_hf(model: Transformer, directory: Path):
 @pytest.fixture
 def storage_dir(tmp_path) -> Path:
     return tmp_path / "storage"
+
+
+@pytest.fixture(scope="session")
+def seaweed(tmp_path_factory):
+    """One real S3-compatible server for the session, stopped at the end."""
+    from seaweed import create_bucket, start_seaweed
+    server = start_seaweed(tmp_path_factory.mktemp("seaweed"))
+    create_bucket(server, "herd")
+    yield server
+    server.stop()
+
+
+@pytest.fixture(params=["local", "s3"])
+def storage_url(request, tmp_path, monkeypatch) -> str:
+    """A fresh, empty storage root on each backend (the same tests run against both)."""
+    if request.param == "local":
+        return str(tmp_path / "storage")
+    server = request.getfixturevalue("seaweed")
+    for key, value in server.env().items():
+        monkeypatch.setenv(key, value)
+    return f"s3://herd/{uuid.uuid4().hex[:12]}"
