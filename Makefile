@@ -10,7 +10,8 @@ CONSTRAINTS := constraints.txt
 
 export DS_ACCELERATOR := cpu
 export HERD_CACHE_DIR ?= $(CURDIR)/.cache/herd
-export TORCH_EXTENSIONS_DIR ?= $(CURDIR)/.cache/torch_extensions
+# DeepSpeed's compiled CPU ops are kept per machine (outside the checkout), built once.
+export TORCH_EXTENSIONS_DIR ?= $(HOME)/.cache/herd/torch_extensions
 export RAY_USAGE_STATS_ENABLED := 0
 export TOKENIZERS_PARALLELISM := false
 
@@ -23,7 +24,12 @@ $(VENV)/.installed: pyproject.toml $(CONSTRAINTS)
 	$(PIP) install -q -e '.[dev]' -c $(CONSTRAINTS)
 	@touch $@
 
-setup: $(VENV)/.installed
+$(TORCH_EXTENSIONS_DIR)/.warm: $(VENV)/.installed
+	@echo "==> compiling DeepSpeed's CPU ops once per machine (a few minutes the first time)"
+	$(PY) -m jobs.warmup
+	@mkdir -p $(TORCH_EXTENSIONS_DIR) && touch $@
+
+setup: $(VENV)/.installed $(TORCH_EXTENSIONS_DIR)/.warm
 
 test: setup
 	$(PY) -m pytest -q

@@ -8,7 +8,10 @@ from __future__ import annotations
 
 import hashlib
 import json
+import os
+import shutil
 import tempfile
+import uuid
 from pathlib import Path
 
 from cluster.names import check_name
@@ -119,9 +122,15 @@ def local_model_dir(storage: Storage, name: str) -> Path:
     keys = storage.list_keys(prefix)
     tag = hashlib.sha256(f"{storage.url}|{name}|{'|'.join(keys)}".encode()).hexdigest()[:16]
     target = cache_dir() / "models" / f"{name}-{tag}"
-    if not (target / ".complete").is_file():
-        storage.download_dir(prefix, target)
-        (target / ".complete").write_text("ok")
+    if not target.is_dir():
+        # Several workers on one node may race here: each downloads into its own folder and
+        # renames it into place; the loser throws its copy away.
+        staging = target.with_name(f".{target.name}.{os.getpid()}-{uuid.uuid4().hex[:8]}")
+        storage.download_dir(prefix, staging)
+        try:
+            staging.rename(target)
+        except OSError:
+            shutil.rmtree(staging, ignore_errors=True)
     return target
 
 

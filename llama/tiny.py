@@ -73,3 +73,26 @@ def create_tiny(directory: str | Path, preset_name: str = "tiny", seed: int = 0,
     model = init_weights(Transformer(cfg), seed=seed)
     save_model(model, directory)
     return directory
+
+
+def demo_dataset(n: int = 64, seed: int = 0) -> list[dict]:
+    """A small instruction set a tiny model learns in a few dozen steps (for the demo and tests).
+
+    Prompts are verse openings from the shipped text; the answer is always the same line, so a
+    LoRA adapter that learned it is easy to tell from the base model. Every third example uses
+    the chat `messages` shape with a system prompt.
+    """
+    import random
+    lines = [line for line in corpus_lines(200_000) if len(line.split()) > 8]
+    rng = random.Random(seed)
+    answer = "Let there be light: and there was light."
+    out = []
+    for i in range(n):
+        prompt = " ".join(rng.choice(lines).split()[:6])
+        if i % 3 == 2:
+            out.append({"messages": [{"role": "system", "content": "Answer as the scripture does."},
+                                     {"role": "user", "content": prompt},
+                                     {"role": "assistant", "content": answer}]})
+        else:
+            out.append({"prompt": prompt, "completion": answer})
+    return out

@@ -1,0 +1,187 @@
+"""Submitting and watching fine-tuning jobs (the logic behind `herd finetune ...`).
+
+Submission validates everything it can locally (spec, names, the whole data file, the base
+model, the adapter name) before anything reaches the cluster, stores the data next to the
+job record, and hands the run to Ray's Job Submission API as `python -m jobs.run`.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import sys
+import time
+from pathlib import Path
+
+from cluster.job_store import JobSpec, JobStore, new_job_id
+from cluster.models import model_exists
+from cluster.ray_cluster import ensure_cluster, job_api_url, resolve_address
+from cluster.registry import AdapterRegistry
+from cluster.storage import Storage
+from llama.sft_data import file_sha256, read_dataset
+
+TERMINAL = {"SUCCEEDED", "FAILED", "STOPPED"}
+_PASS_ENV = ("AWS_", "HERD_", "DS_ACCELERATOR", "TORCH_EXTENSIONS_DIR", "RAY_USAGE_STATS_ENABLED")
+
+
+class SubmitError(ValueError):
+    """A job that must not start (bad model, name clash); exit code 2."""
+
+
+def _client(address: str | None):
+    from ray.job_submission import JobSubmissionClient
+    return JobSubmissionClient(job_api_url(address))
+
+
+def check_submission(storage: Storage, spec: JobSpec, data: Path) -> str:
+    """Everything that can be checked before the cluster is involved; returns the data sha256."""
+    read_dataset(data)  # FILE:LINE errors for the first bad line
+    if not model_exists(storage, spec.model):
+        raise SubmitError(f"unknown model {spec.model!r} in {storage.url}; see `herd models list` "
+                          "or create one with `herd models create-tiny --name NAME`")
+    if spec.method == "lora":
+        owner = AdapterRegistry(storage)._base_of(spec.adapter)
+        if owner is not None and owner != spec.model:
+            raise SubmitError(f"adapter name {spec.adapter!r} already belongs to base model {owner!r}; "
+                              f"choose another --adapter for {spec.model!r}")
+    elif model_exists(storage, spec.adapter):
+        raise SubmitError(f"a full fine-tune publishes a new base model, and model {spec.adapter!r} already "
+                          "exists; choose another --adapter name")
+    return file_sha256(data)
+
+
+def _env() -> dict[str, str]:
+    env = {k: v for k, v in os.environ.items() if k.startswith(_PASS_ENV)}
+    env.setdefault("DS_ACCELERATOR", "cpu")
+    return env
+
+
+def _submit_ray_job(storage: Storage, job_id: str, address: str | None, resume: bool, say) -> str:
+    url = ensure_cluster(address, say)
+    python = sys.executable if resolve_address(address) is None else "python"
+    store = JobStore(storage)
+    attempt = store.read(job_id)["attempts"]
+    submission_id = job_id if attempt == 0 and not resume else f"{job_id}-r{attempt + 1}-{int(time.time())}"
+    entrypoint = f"{python} -m jobs.run --job-id {job_id} --storage {storage.url}" + (" --resume" if resume else "")
+    from ray.job_submission import JobSubmissionClient
+    JobSubmissionClient(url).submit_job(entrypoint=entrypoint, submission_id=submission_id,
+                                        runtime_env={"env_vars": {**_env(), "HERD_STORAGE": storage.url}},
+                                        metadata={"herd": "finetune", "job_id": job_id})
+    store.update(job_id, ray_submission_id=submission_id, state="PENDING", address=url)
+    return submission_id
+
+
+def submit(storage: Storage, spec: JobSpec, data: Path, address: str | None, say=print) -> str:
+    spec = spec.model_copy(update={"data_sha256": check_submission(storage, spec, data)})
+    job_id = new_job_id()
+    store = JobStore(storage)
+    store.storage.upload_file(data, store.data_key(job_id))
+    store.create(job_id, spec)
+    _submit_ray_job(storage, job_id, address, resume=False, say=say)
+    return job_id
+
+
+def resume(storage: Storage, job_id: str, address: str | None, say=print) -> str:
+    store = JobStore(storage)
+    record = status(storage, job_id, address)
+    if record["state"] not in TERMINAL:
+        raise SubmitError(f"job {job_id} is {record['state']}; only a stopped or failed job can be resumed")
+    if record["state"] == "SUCCEEDED":
+        raise SubmitError(f"job {job_id} already succeeded; nothing to resume")
+    store.spec(job_id)  # still a valid spec
+    _submit_ray_job(storage, job_id, address, resume=True, say=say)
+    return job_id
+
+
+def _ray_state(record: dict, address: str | None) -> str | None:
+    sub = record.get("ray_submission_id")
+    if not sub:
+        return None
+    try:
+        return str(_client(address or record.get("address")).get_job_status(sub).value)
+    except Exception:  # noqa: BLE001 - cluster gone: job.json is all we know
+        return None
+
+
+def status(storage: Storage, job_id: str, address: str | None = None) -> dict:
+    """job.json, with the state reconciled against Ray (a killed driver cannot record its end)."""
+    store = JobStore(storage)
+    record = store.read(job_id)
+    ray_state = _ray_state(record, address)
+    record["ray_state"] = ray_state
+    if ray_state in TERMINAL and record["state"] not in TERMINAL:
+        record = store.update(job_id, state=ray_state, error=record.get("error") or f"Ray job {ray_state.lower()}")
+        record["ray_state"] = ray_state
+    metrics = store.metrics(job_id)
+    record["last_metrics"] = metrics[-1] if metrics else None
+    return record
+
+
+def list_jobs(storage: Storage) -> list[dict]:
+    return [{"id": r["id"], "state": r["state"], "model": r["spec"]["model"], "adapter": r["spec"]["adapter"],
+             "method": r["spec"]["method"], "created": r["created"], "result": r.get("result")}
+            for r in JobStore(storage).list()]
+
+
+def logs(storage: Storage, job_id: str, address: str | None = None) -> str:
+    record = JobStore(storage).read(job_id)
+    sub = record.get("ray_submission_id")
+    if not sub:
+        return ""
+    return _client(address or record.get("address")).get_job_logs(sub)
+
+
+def stop(storage: Storage, job_id: str, address: str | None = None) -> dict:
+    store = JobStore(storage)
+    record = store.read(job_id)
+    if record["state"] in TERMINAL:
+        return record
+    sub = record.get("ray_submission_id")
+    if sub:
+        client = _client(address or record.get("address"))
+        client.stop_job(sub)
+        deadline = time.time() + 30
+        while time.time() < deadline and str(client.get_job_status(sub).value) not in TERMINAL:
+            time.sleep(0.5)
+    return store.update(job_id, state="STOPPED", error="stopped by the user")
+
+
+def follow(storage: Storage, job_id: str, address: str | None = None, poll_s: float = 1.0,
+           timeout_s: float | None = None) -> dict:
+    """Show a progress bar (step, loss, lr, tokens/s, memory) until the job ends; return its record."""
+    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
+    store = JobStore(storage)
+    start = time.time()
+    columns = (TextColumn("[bold]{task.fields[job]}"), BarColumn(), MofNCompleteColumn(),
+               TextColumn("{task.fields[info]}"), TimeElapsedColumn())
+    with Progress(*columns, transient=False) as progress:
+        task = progress.add_task("train", total=None, job=job_id, info="waiting for workers")
+        while True:
+            record = status(storage, job_id, address)
+            metrics = store.metrics(job_id)
+            if metrics:
+                m = metrics[-1]
+                progress.update(task, total=m["total_steps"], completed=m["step"],
+                                info=f"loss {m['loss']:.4f}  lr {m['lr']:.2e}  {m['tokens_per_s']:.0f} tok/s  "
+                                     f"{m['peak_memory_mb']:.0f} MB")
+            if record["state"] in TERMINAL:
+                return record
+            if timeout_s is not None and time.time() - start > timeout_s:
+                return record
+            time.sleep(poll_s)
+
+
+def describe(record: dict) -> str:
+    spec = record["spec"]
+    lines = [f"job {record['id']}: {record['state']}",
+             f"  {spec['method']} of {spec['model']} -> {spec['adapter']}, ZeRO-{spec['zero']}"
+             f"{' + offload' if spec['offload'] else ''}, {spec['workers']} workers",
+             f"  created {record['created']}, attempts {record['attempts']}"]
+    if record.get("last_metrics"):
+        m = record["last_metrics"]
+        lines.append(f"  step {m['step']}/{m['total_steps']}  loss {m['loss']:.4f}  lr {m['lr']:.2e}")
+    if record.get("result"):
+        lines.append(f"  published: {json.dumps(record['result'])}")
+    if record.get("error"):
+        lines.append(f"  error: {record['error']}")
+    return "\n".join(lines)

@@ -1,0 +1,113 @@
+"""The Ray cluster Herd talks to: `--address`/`RAY_ADDRESS`, or a local head Herd starts itself.
+
+The local head is a plain `ray start --head` (it outlives the command, as `herd cluster up`
+promises) with its dashboard on 127.0.0.1, which serves the Job Submission API. On a small
+machine it advertises more logical CPUs than cores (HERD_NUM_CPUS, default 8) so that a
+fine-tuning job's workers and Serve replicas can be scheduled side by side.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import subprocess
+import sys
+import urllib.request
+from pathlib import Path
+
+
+
+class ClusterError(RuntimeError):
+    pass
+
+
+def _ray_bin() -> str:
+    candidate = Path(sys.executable).parent / "ray"
+    return str(candidate) if candidate.exists() else (shutil.which("ray") or "ray")
+
+
+def _dashboard_port() -> int:
+    return int(os.environ.get("HERD_DASHBOARD_PORT", "8265"))
+
+
+def local_dashboard_url() -> str:
+    return f"http://127.0.0.1:{_dashboard_port()}"
+
+
+def _dashboard_up(url: str) -> bool:
+    try:
+        with urllib.request.urlopen(f"{url}/api/version", timeout=2) as r:
+            return r.status == 200
+    except OSError:
+        return False
+
+
+def resolve_address(address: str | None) -> str | None:
+    """The user's cluster address (flag, then RAY_ADDRESS), or None for the local cluster."""
+    return address or os.environ.get("RAY_ADDRESS") or None
+
+
+def job_api_url(address: str | None) -> str:
+    """Where the Job Submission API answers: http(s) as given, ray://host:10001 -> host:8265."""
+    address = resolve_address(address)
+    if address is None:
+        return local_dashboard_url()
+    if address.startswith(("http://", "https://")):
+        return address
+    host = address.split("://", 1)[-1].split(":")[0]
+    return f"http://{host}:{_dashboard_port()}"
+
+
+def start_local(num_cpus: int | None = None) -> tuple[str, bool]:
+    """Start the local head unless it is running; (dashboard URL, whether this call started it)."""
+    url = local_dashboard_url()
+    if _dashboard_up(url):
+        return url, False
+    num_cpus = num_cpus or int(os.environ.get("HERD_NUM_CPUS", "8"))
+    gcs_port = os.environ.get("HERD_GCS_PORT", "6379")
+    cmd = [_ray_bin(), "start", "--head", f"--port={gcs_port}", f"--num-cpus={num_cpus}",
+           "--include-dashboard=true", "--dashboard-host=127.0.0.1", f"--dashboard-port={_dashboard_port()}",
+           "--disable-usage-stats"]
+    env = {**os.environ, "RAY_USAGE_STATS_ENABLED": "0"}
+    proc = subprocess.run(cmd, capture_output=True, text=True, env=env)
+    if proc.returncode != 0:
+        raise ClusterError(f"`ray start --head` failed:\n{proc.stdout[-1500:]}{proc.stderr[-1500:]}")
+    import time
+    deadline = time.time() + 60
+    while time.time() < deadline:
+        if _dashboard_up(url):
+            return url, True
+        time.sleep(0.5)
+    raise ClusterError(f"the local Ray head started but its dashboard ({url}) did not answer in 60 s")
+
+
+def ensure_cluster(address: str | None, say=print) -> str:
+    """The Job API URL of the cluster to use, starting the local head when none is given."""
+    if resolve_address(address) is not None:
+        return job_api_url(address)
+    url, started = start_local()
+    if started:
+        say(f"started a local Ray cluster (dashboard {url}); stop it with `herd cluster down`")
+    return url
+
+
+def stop_local() -> bool:
+    """Stop the local head and everything it runs (jobs, Serve); False if none was running."""
+    running = _dashboard_up(local_dashboard_url())
+    proc = subprocess.run([_ray_bin(), "stop", "--force"], capture_output=True, text=True)
+    if proc.returncode != 0:
+        raise ClusterError(f"`ray stop` failed: {proc.stderr[-1500:]}")
+    return running
+
+
+def cluster_status(address: str | None) -> dict:
+    url = job_api_url(address)
+    if not _dashboard_up(url):
+        return {"address": url, "running": False}
+    with urllib.request.urlopen(f"{url}/api/cluster_status", timeout=5) as r:
+        raw = json.loads(r.read())
+    usage = raw.get("data", {}).get("clusterStatus", {}).get("loadMetricsReport", {}).get("usage", {})
+    resources = {k: {"used": v[0], "total": v[1]} for k, v in usage.items()
+                 if not k.startswith(("node:", "object", "memory"))}
+    return {"address": url, "running": True, "resources": resources}

@@ -1,0 +1,362 @@
+"""The fine-tuning recipe: what each worker runs, start to publish.
+
+It runs under Ray Train's TorchTrainer (jobs/run.py) but knows nothing of Ray: the process
+group is already formed when it starts, and checkpoints and metrics leave through `Hooks`.
+Tests run the same function single-process or under torch.multiprocessing.
+
+Per worker: load the base model from the storage root, wrap it with LoRA (or train it whole),
+hand it to `deepspeed.initialize` (ZeRO 0-3, optional CPU offload), then loop over
+deterministic, length-bucketed batches with gradient accumulation, a cosine schedule with
+warmup and clipping. Every `log_every` steps it reports step, loss, lr, tokens/s and memory;
+every `checkpoint_every` steps (and at the end) a DeepSpeed checkpoint. At the end it gathers
+the weights (ZeRO-3 included) and publishes them through the registry.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import math
+import os
+import random
+import resource
+import tempfile
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Iterator, Protocol
+
+import torch
+import torch.distributed as dist
+import torch.nn.functional as F
+
+from cluster.job_store import JobSpec, JobStore
+from cluster.models import import_model, local_model_dir
+from cluster.registry import AdapterRegistry
+from cluster.storage import open_storage
+from llama.lora import LoraSpec, apply_lora, lora_layers, peft_key, save_adapter
+from llama.sft_data import IGNORE, Example, read_dataset, tokenize_dialog
+from llama.tokenizer import Tokenizer
+from llama.weights import load_model, save_model
+
+STATE_FILE = "herd_state.json"
+DS_TAG = "state"
+
+
+class Hooks(Protocol):
+    """How the recipe talks to whatever runs it (Ray Train, or a test)."""
+
+    def report(self, metrics: dict, checkpoint_dir: str | None = None) -> None: ...
+
+    def restored_checkpoint(self) -> contextlib.AbstractContextManager[str | None]: ...
+
+
+@dataclass
+class TrainResult:
+    losses: list[float] = field(default_factory=list)  # one per optimizer step run in this attempt
+    first_step: int = 0
+    published: dict | None = None
+    eval_loss: float | None = None
+
+
+# ---- data -----------------------------------------------------------------------------------
+
+def split_examples(examples: list[Example], eval_fraction: float, seed: int) -> tuple[list[Example], list[Example]]:
+    order = list(range(len(examples)))
+    random.Random(seed).shuffle(order)
+    n_eval = int(len(examples) * eval_fraction) if len(examples) >= 10 else 0
+    return [examples[i] for i in order[n_eval:]], [examples[i] for i in order[:n_eval]]
+
+
+def epoch_batches(lengths: list[int], batch_size: int, seed: int, epoch: int) -> list[list[int]]:
+    """Length-bucketed batches for one epoch, the same on every worker for the same seed/epoch.
+
+    Shuffle, sort within windows of 50 batches (so a batch holds similar lengths and little
+    padding), cut into batches, then shuffle the batch order.
+    """
+    rng = random.Random(seed * 100_003 + epoch)
+    order = list(range(len(lengths)))
+    rng.shuffle(order)
+    window = batch_size * 50
+    buckets = [sorted(order[i:i + window], key=lambda j: lengths[j]) for i in range(0, len(order), window)]
+    batches = [b[i:i + batch_size] for b in buckets for i in range(0, len(b), batch_size)]
+    rng.shuffle(batches)
+    return batches
+
+
+def collate(examples: list[Example], pad_id: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
+    width = max(len(e.input_ids) for e in examples)
+    tokens = torch.full((len(examples), width), pad_id, dtype=torch.long)
+    labels = torch.full((len(examples), width), IGNORE, dtype=torch.long)
+    for i, e in enumerate(examples):
+        tokens[i, : len(e.input_ids)] = torch.tensor(e.input_ids)
+        labels[i, : len(e.labels)] = torch.tensor(e.labels)
+    return tokens, labels
+
+
+def lr_lambda(warmup: int, total: int):
+    """Linear warmup, then cosine decay to 10% of the peak."""
+    def f(step: int) -> float:
+        if step < warmup:
+            return (step + 1) / (warmup + 1)
+        progress = (step - warmup) / max(1, total - warmup)
+        return 0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * min(1.0, progress)))
+    return f
+
+
+# ---- DeepSpeed ------------------------------------------------------------------------------
+
+def deepspeed_config(spec: JobSpec) -> dict:
+    zero: dict = {"stage": spec.zero}
+    if spec.offload:
+        zero["offload_optimizer"] = {"device": "cpu", "pin_memory": False}
+    if spec.zero == 3:
+        zero["stage3_gather_16bit_weights_on_model_save"] = True
+    return {
+        "train_micro_batch_size_per_gpu": spec.batch_size,
+        "gradient_accumulation_steps": spec.grad_accum,
+        "gradient_clipping": spec.grad_clip,
+        "zero_optimization": zero,
+        "zero_allow_untested_optimizer": True,
+        "bf16": {"enabled": spec.use_gpu},
+        "steps_per_print": 10**9,
+        "wall_clock_breakdown": False,
+    }
+
+
+def _optimizer(spec: JobSpec, params: list[torch.nn.Parameter]) -> torch.optim.Optimizer:
+    if spec.offload:
+        from deepspeed.ops.adam import DeepSpeedCPUAdam
+        return DeepSpeedCPUAdam(params, lr=spec.lr, weight_decay=spec.weight_decay, adamw_mode=True)
+    return torch.optim.AdamW(params, lr=spec.lr, weight_decay=spec.weight_decay)
+
+
+def lora_spec_of(spec: JobSpec) -> LoraSpec:
+    return LoraSpec(r=spec.lora_rank, lora_alpha=spec.lora_alpha, target_modules=list(spec.lora_targets),
+                    lora_dropout=spec.lora_dropout, base_model_name_or_path=spec.model)
+
+
+def full_state_dict(engine, spec: JobSpec) -> dict[str, torch.Tensor] | None:
+    """All weights, gathered across ZeRO-3 partitions (call on every rank; rank 0 gets them)."""
+    if spec.zero == 3:
+        state = engine._zero3_consolidated_16bit_state_dict()
+        return {k: v.float() for k, v in state.items()} if state else state
+    return {k: v.detach().float().clone() for k, v in engine.module.state_dict().items()}
+
+
+def peft_state_from(state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """LoraLinear parameters (`layers.0.attention.wq.lora_A`) -> peft keys."""
+    out = {}
+    for name, tensor in state.items():
+        if name.endswith((".lora_A", ".lora_B")):
+            path, which = name.rsplit(".lora_", 1)
+            out[peft_key(path, which)] = tensor.contiguous()
+    return out
+
+
+# ---- the loop -------------------------------------------------------------------------------
+
+def _peak_memory_mb(device: torch.device) -> float:
+    if device.type == "cuda":
+        return torch.cuda.max_memory_allocated(device) / 2**20
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+
+
+def _all_reduce(values: list[float], op=dist.ReduceOp.SUM) -> list[float]:
+    t = torch.tensor(values, dtype=torch.float64)
+    if dist.is_initialized() and dist.get_world_size() > 1:
+        dist.all_reduce(t, op=op)
+    return t.tolist()
+
+
+def train(spec: JobSpec, job_id: str, storage_url: str, hooks: Hooks) -> TrainResult:
+    """Run (or resume) a job on this worker; metrics go to metrics.jsonl, checkpoints to `hooks`.
+
+    Metrics are not sent through `ray.train.report` at every step: in Ray 2.60 each report
+    synchronises with the controller (about 2 s), so Ray sees metrics with each checkpoint.
+    """
+    import deepspeed
+
+    rank = dist.get_rank() if dist.is_initialized() else 0
+    world = dist.get_world_size() if dist.is_initialized() else 1
+    device = torch.device(f"cuda:{int(os.environ.get('LOCAL_RANK', 0))}") if spec.use_gpu else torch.device("cpu")
+    if device.type == "cpu":
+        torch.set_num_threads(max(1, int(spec.cpus_per_worker)))
+    storage = open_storage(storage_url)
+    store = JobStore(storage)
+
+    # Data: the copy uploaded at submission, tokenized the same way on every worker.
+    model_dir = local_model_dir(storage, spec.model)
+    tok = Tokenizer(model_dir / "tokenizer.model")
+    with tempfile.TemporaryDirectory() as tmp:
+        data_path = Path(tmp) / "data.jsonl"
+        storage.download_file(store.data_key(job_id), data_path)
+        dialogs = read_dataset(data_path)
+    examples = [tokenize_dialog(tok, d, spec.max_seq_len) for d in dialogs]
+    examples = [e for e in examples if e.n_loss_tokens > 0]
+    if not examples:
+        raise ValueError(f"no example keeps an answer token within --max-seq-len {spec.max_seq_len}")
+    train_set, eval_set = split_examples(examples, spec.eval_fraction, spec.seed)
+    lengths = [len(e.input_ids) for e in train_set]
+    micro_per_rank = len(epoch_batches(lengths, spec.batch_size, spec.seed, 0)) // world
+    steps_per_epoch = micro_per_rank // spec.grad_accum
+    if steps_per_epoch == 0:
+        raise ValueError(f"{len(train_set)} training examples are too few for {world} workers x batch "
+                         f"{spec.batch_size} x accumulation {spec.grad_accum}")
+    total_steps = math.ceil(spec.epochs * steps_per_epoch)
+    if spec.max_steps:
+        total_steps = min(total_steps, spec.max_steps)
+
+    # Model: same seed on every rank, so LoRA's random A starts identical everywhere.
+    torch.manual_seed(spec.seed)
+    model = load_model(model_dir)
+    if spec.method == "lora":
+        apply_lora(model, lora_spec_of(spec), trainable_only=True)
+    params = [p for p in model.parameters() if p.requires_grad]
+    optimizer = _optimizer(spec, params)
+    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lr_lambda(spec.warmup_steps, total_steps))
+    engine, optimizer, _, scheduler = deepspeed.initialize(model=model, optimizer=optimizer,
+                                                           lr_scheduler=scheduler, config=deepspeed_config(spec))
+    start_step = 0
+    with hooks.restored_checkpoint() as ckpt:
+        if ckpt is not None:
+            engine.load_checkpoint(ckpt, tag=DS_TAG, load_module_strict=spec.method != "lora")
+            start_step = json.loads((Path(ckpt) / STATE_FILE).read_text())["step"]
+    result = TrainResult(first_step=start_step)
+    if rank == 0:
+        print(f"[herd] job {job_id}: {len(train_set)} train / {len(eval_set)} eval examples, "
+              f"{world} workers, ZeRO-{spec.zero}{' + offload' if spec.offload else ''}, {spec.method}, "
+              f"{total_steps} steps" + (f", resuming at step {start_step}" if start_step else ""), flush=True)
+
+    pending: list[dict] = []
+    t_last, tokens_since = time.time(), 0
+    for step in range(start_step, total_steps):
+        if spec.fail_at_step is not None and step == spec.fail_at_step and start_step == 0 and rank == 0:
+            print(f"[herd] injected failure at step {step}", flush=True)
+            os._exit(1)
+        epoch, i = divmod(step, steps_per_epoch)
+        mine = epoch_batches(lengths, spec.batch_size, spec.seed, epoch)[rank::world]
+        step_loss = 0.0
+        engine.train()
+        for micro in mine[i * spec.grad_accum:(i + 1) * spec.grad_accum]:
+            tokens, labels = collate([train_set[j] for j in micro])
+            tokens, labels = tokens.to(device), labels.to(device)
+            logits = engine(tokens)
+            n = (labels[:, 1:] != IGNORE).sum().clamp(min=1)
+            loss = F.cross_entropy(logits[:, :-1].reshape(-1, logits.shape[-1]), labels[:, 1:].reshape(-1),
+                                   ignore_index=IGNORE, reduction="sum") / n
+            engine.backward(loss)
+            engine.step()
+            step_loss += loss.item() / spec.grad_accum
+            tokens_since += int((tokens != 0).sum())
+        loss_avg, tokens_all = _all_reduce([step_loss / world, float(tokens_since)])
+        result.losses.append(loss_avg)
+        done = step + 1
+        if done % spec.log_every == 0 or done == total_steps:
+            elapsed = max(time.time() - t_last, 1e-6)
+            (mem,) = _all_reduce([_peak_memory_mb(device)], op=dist.ReduceOp.MAX)
+            row = {"step": done, "total_steps": total_steps, "epoch": epoch, "loss": loss_avg,
+                   "lr": scheduler.get_last_lr()[0], "tokens_per_s": tokens_all / elapsed,
+                   "peak_memory_mb": mem, "time": time.time()}
+            pending.append(row)
+            t_last, tokens_since = time.time(), 0
+            if rank == 0:
+                print(f"[herd] step {done}/{total_steps} loss {loss_avg:.4f} lr {row['lr']:.2e} "
+                      f"tok/s {row['tokens_per_s']:.0f} mem {mem:.0f}MB", flush=True)
+                store.append_metrics(job_id, pending)
+            pending = []
+        if done % spec.checkpoint_every == 0 or done == total_steps:
+            _checkpoint(engine, hooks, rank, done, {"step": done, "loss": loss_avg})
+            t_last = time.time()  # tokens/s counts training time, not checkpoint uploads
+
+    result.eval_loss = _evaluate(engine, eval_set, spec, rank, world, device)
+    final_loss = result.losses[-1] if result.losses else None
+    result.published = _publish(engine, spec, job_id, storage, model_dir, rank,
+                                {"train_loss": final_loss, "eval_loss": result.eval_loss, "steps": total_steps})
+    return result
+
+
+def _checkpoint(engine, hooks: Hooks, rank: int, step: int, metrics: dict) -> None:
+    with tempfile.TemporaryDirectory() as d:
+        engine.save_checkpoint(d, tag=DS_TAG, exclude_frozen_parameters=bool(lora_layers(engine.module)))
+        if rank == 0:
+            (Path(d) / STATE_FILE).write_text(json.dumps({"step": step}))
+        hooks.report(metrics, checkpoint_dir=d)
+
+
+@torch.no_grad()
+def _evaluate(engine, eval_set: list[Example], spec: JobSpec, rank: int, world: int, device) -> float | None:
+    if not eval_set:
+        return None
+    engine.eval()
+    total, count = 0.0, 0.0
+    batches = [eval_set[i:i + spec.batch_size] for i in range(0, len(eval_set), spec.batch_size)]
+    # Every rank runs the same number of forwards (ZeRO-3 gathers are collective).
+    for b in range(math.ceil(len(batches) / world) * world):
+        idx = b if b < len(batches) else 0
+        tokens, labels = collate(batches[idx])
+        logits = engine(tokens.to(device))
+        loss_sum = F.cross_entropy(logits[:, :-1].reshape(-1, logits.shape[-1]), labels[:, 1:].reshape(-1).to(device),
+                                   ignore_index=IGNORE, reduction="sum")
+        if b % world == rank and b < len(batches):
+            total += loss_sum.item()
+            count += int((labels[:, 1:] != IGNORE).sum())
+    total, count = _all_reduce([total, count])
+    return total / max(count, 1)
+
+
+def _publish(engine, spec: JobSpec, job_id: str, storage, model_dir: Path, rank: int, metrics: dict) -> dict | None:
+    """Gather the weights and publish: a new adapter version (LoRA) or a new base model (full)."""
+    state = full_state_dict(engine, spec)  # collective under ZeRO-3
+    if rank != 0:
+        return None
+    with tempfile.TemporaryDirectory() as tmp:
+        out = Path(tmp)
+        if spec.method == "lora":
+            save_adapter(out, lora_spec_of(spec), peft_state_from(state))
+            version = AdapterRegistry(storage).push(
+                out, spec.adapter, base_model=spec.model, job_id=job_id, metrics=metrics,
+                extra={"data_sha256": spec.data_sha256}, promote=spec.promote)
+            published = {"kind": "adapter", "name": spec.adapter, "version": version}
+        else:
+            model = load_model(model_dir)
+            model.load_state_dict(state)
+            save_model(model, out)
+            (out / "tokenizer.model").write_bytes((model_dir / "tokenizer.model").read_bytes())
+            import_model(storage, out, spec.adapter)
+            published = {"kind": "model", "name": spec.adapter}
+    JobStore(storage).update(job_id, result={**published, "metrics": metrics, "data_sha256": spec.data_sha256})
+    print(f"[herd] published {published}", flush=True)
+    return published
+
+
+def checkpoint_steps(store: JobStore, job_id: str) -> list[tuple[int, str]]:
+    """(step, key of the checkpoint folder) for every complete checkpoint of a job, oldest first."""
+    out = []
+    for key in store.storage.list_keys(store.checkpoints_key(job_id)):
+        if key.endswith("/" + STATE_FILE):
+            folder = key.rsplit("/", 1)[0]
+            out.append((json.loads(store.storage.read_text(key))["step"], folder))
+    return sorted(out)
+
+
+class LocalHooks:
+    """Hooks for running the recipe without Ray: checkpoints go to a local folder."""
+
+    def __init__(self, checkpoint_root: str | Path, restore_from: str | Path | None = None):
+        self.root = Path(checkpoint_root)
+        self.restore_from = restore_from
+        self.reports: list[dict] = []
+
+    def report(self, metrics: dict, checkpoint_dir: str | None = None) -> None:
+        self.reports.append(dict(metrics))
+        if checkpoint_dir is not None:
+            import shutil
+            target = self.root / f"step_{metrics['step']:06d}"
+            shutil.copytree(checkpoint_dir, target, dirs_exist_ok=True)
+            if dist.is_initialized():
+                dist.barrier()
+
+    @contextlib.contextmanager
+    def restored_checkpoint(self) -> Iterator[str | None]:
+        yield None if self.restore_from is None else str(self.restore_from)
