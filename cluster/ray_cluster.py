@@ -101,13 +101,19 @@ def stop_local() -> bool:
     return running
 
 
-def cluster_status(address: str | None) -> dict:
+def cluster_status(address: str | None, wait_s: float = 15.0) -> dict:
+    """Whether the cluster answers, and its resources (the report fills in a few seconds after start)."""
+    import time
     url = job_api_url(address)
     if not _dashboard_up(url):
         return {"address": url, "running": False}
-    with urllib.request.urlopen(f"{url}/api/cluster_status", timeout=5) as r:
-        raw = json.loads(r.read())
-    usage = raw.get("data", {}).get("clusterStatus", {}).get("loadMetricsReport", {}).get("usage", {})
-    resources = {k: {"used": v[0], "total": v[1]} for k, v in usage.items()
-                 if not k.startswith(("node:", "object", "memory"))}
-    return {"address": url, "running": True, "resources": resources}
+    deadline = time.time() + wait_s
+    while True:
+        with urllib.request.urlopen(f"{url}/api/cluster_status", timeout=5) as r:
+            raw = json.loads(r.read())
+        usage = raw.get("data", {}).get("clusterStatus", {}).get("loadMetricsReport", {}).get("usage", {})
+        resources = {k: {"used": v[0], "total": v[1]} for k, v in usage.items()
+                     if not k.startswith(("node:", "object", "memory"))}
+        if resources or time.time() > deadline:
+            return {"address": url, "running": True, "resources": resources}
+        time.sleep(0.5)

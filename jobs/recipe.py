@@ -280,7 +280,9 @@ def _checkpoint(engine, hooks: Hooks, rank: int, step: int, metrics: dict) -> No
     with tempfile.TemporaryDirectory() as d:
         engine.save_checkpoint(d, tag=DS_TAG, exclude_frozen_parameters=bool(lora_layers(engine.module)))
         if rank == 0:
-            (Path(d) / STATE_FILE).write_text(json.dumps({"step": step}))
+            world = dist.get_world_size() if dist.is_initialized() else 1
+            zero = engine.zero_optimization_stage()
+            (Path(d) / STATE_FILE).write_text(json.dumps({"step": step, "world": world, "zero": zero}))
         hooks.report(metrics, checkpoint_dir=d)
 
 
@@ -331,12 +333,20 @@ def _publish(engine, spec: JobSpec, job_id: str, storage, model_dir: Path, rank:
 
 
 def checkpoint_steps(store: JobStore, job_id: str) -> list[tuple[int, str]]:
-    """(step, key of the checkpoint folder) for every complete checkpoint of a job, oldest first."""
+    """(step, key of the checkpoint folder) for every complete checkpoint of a job, oldest first.
+
+    Each rank uploads its own files, so a folder counts only when rank 0's state file is there
+    and, under ZeRO, every rank's optimizer shard.
+    """
+    keys = store.storage.list_keys(store.checkpoints_key(job_id))
     out = []
-    for key in store.storage.list_keys(store.checkpoints_key(job_id)):
+    for key in keys:
         if key.endswith("/" + STATE_FILE):
             folder = key.rsplit("/", 1)[0]
-            out.append((json.loads(store.storage.read_text(key))["step"], folder))
+            state = json.loads(store.storage.read_text(key))
+            shards = sum(1 for k in keys if k.startswith(folder + "/") and k.endswith("optim_states.pt"))
+            if state.get("zero", 0) == 0 or shards >= state.get("world", 1):
+                out.append((state["step"], folder))
     return sorted(out)
 
 

@@ -20,22 +20,40 @@ from cluster.storage import open_storage
 
 
 class RayHooks:
-    """Recipe hooks backed by ray.train: report metrics/checkpoints, restore the latest."""
+    """Recipe hooks backed by ray.train: report metrics/checkpoints, restore the latest.
+
+    Within a run, Ray Train hands a restarted worker group its last committed checkpoint.
+    A resumed job (`--resume`) starts a new run, so the checkpoint it continues from comes
+    from the storage root (Ray 2.60 refuses `resume_from_checkpoint`).
+    """
+
+    def __init__(self, storage_url: str, resume_key: str | None = None):
+        self.storage_url = storage_url
+        self.resume_key = resume_key
 
     def report(self, metrics: dict, checkpoint_dir: str | None = None) -> None:
         import ray.train
         checkpoint = ray.train.Checkpoint.from_directory(checkpoint_dir) if checkpoint_dir else None
         ray.train.report(metrics, checkpoint=checkpoint)
+        if checkpoint is not None:
+            # Wait until the controller has committed it: a worker lost right after a report
+            # must not send the restart back to an older checkpoint.
+            ray.train.get_all_reported_checkpoints(consistency_mode=ray.train.CheckpointConsistencyMode.COMMITTED)
 
     @contextlib.contextmanager
     def restored_checkpoint(self) -> Iterator[str | None]:
         import ray.train
         checkpoint = ray.train.get_checkpoint()
-        if checkpoint is None:
+        if checkpoint is not None:
+            with checkpoint.as_directory() as d:
+                yield d
+        elif self.resume_key is not None:
+            import tempfile
+            with tempfile.TemporaryDirectory() as d:
+                open_storage(self.storage_url).download_dir(self.resume_key, d)
+                yield d
+        else:
             yield None
-            return
-        with checkpoint.as_directory() as d:
-            yield d
 
 
 def worker_main(config: dict) -> None:
@@ -44,7 +62,8 @@ def worker_main(config: dict) -> None:
     logging.getLogger("DeepSpeed").setLevel(logging.WARNING)
     from jobs.recipe import train
     store = JobStore(open_storage(config["storage"]))
-    train(store.spec(config["job_id"]), config["job_id"], config["storage"], RayHooks())
+    hooks = RayHooks(config["storage"], config.get("resume_key"))
+    train(store.spec(config["job_id"]), config["job_id"], config["storage"], hooks)
 
 
 def ray_storage(storage_url: str, job_id: str):
@@ -65,17 +84,11 @@ def ray_storage(storage_url: str, job_id: str):
     return f"{s3.bucket}/{s3.prefix + '/' if s3.prefix else ''}{key}", fs
 
 
-def latest_checkpoint(storage_url: str, job_id: str):
-    """The newest complete checkpoint of a job as a ray.train.Checkpoint, or None."""
-    import ray.train
+def latest_checkpoint_key(storage_url: str, job_id: str) -> str | None:
+    """Storage key of the newest complete checkpoint folder of a job, or None."""
     from jobs.recipe import checkpoint_steps
-    store = JobStore(open_storage(storage_url))
-    steps = checkpoint_steps(store, job_id)
-    if not steps:
-        return None
-    base, fs = ray_storage(storage_url, job_id)
-    folder = steps[-1][1][len(store.checkpoints_key(job_id)) + 1:]
-    return ray.train.Checkpoint(path=f"{base}/{folder}", filesystem=fs)
+    steps = checkpoint_steps(JobStore(open_storage(storage_url)), job_id)
+    return steps[-1][1] if steps else None
 
 
 def run(job_id: str, storage_url: str, resume: bool) -> int:
@@ -86,26 +99,24 @@ def run(job_id: str, storage_url: str, resume: bool) -> int:
     store = JobStore(open_storage(storage_url))
     spec = store.spec(job_id)
     record = store.update(job_id, state="RUNNING", error=None, attempts=store.read(job_id)["attempts"] + 1)
-    restore = latest_checkpoint(storage_url, job_id) if resume else None
+    resume_key = latest_checkpoint_key(storage_url, job_id) if resume else None
     if resume:
-        print(f"[herd] resuming job {job_id} from {restore.path if restore else 'the start (no checkpoint yet)'}",
-              flush=True)
-    storage_path, fs = ray_storage(storage_url, job_id)
+        print(f"[herd] resuming job {job_id} from {resume_key or 'the start (no checkpoint yet)'}", flush=True)
     env = {k: v for k, v in os.environ.items()
            if k.startswith(("AWS_", "HERD_", "DS_", "TORCH_EXTENSIONS_DIR"))}
-    trainer = TorchTrainer(
-        worker_main,
-        train_loop_config={"job_id": job_id, "storage": storage_url},
-        scaling_config=ray.train.ScalingConfig(num_workers=spec.workers, use_gpu=spec.use_gpu,
-                                               resources_per_worker={"CPU": spec.cpus_per_worker}),
-        run_config=ray.train.RunConfig(
-            name=f"attempt-{record['attempts']}", storage_path=storage_path, storage_filesystem=fs,
-            failure_config=ray.train.FailureConfig(max_failures=spec.max_failures),
-            checkpoint_config=ray.train.CheckpointConfig(num_to_keep=2),
-            worker_runtime_env={"env_vars": env}),
-        resume_from_checkpoint=restore,
-    )
     try:
+        storage_path, fs = ray_storage(storage_url, job_id)
+        trainer = TorchTrainer(
+            worker_main,
+            train_loop_config={"job_id": job_id, "storage": storage_url, "resume_key": resume_key},
+            scaling_config=ray.train.ScalingConfig(num_workers=spec.workers, use_gpu=spec.use_gpu,
+                                                   resources_per_worker={"CPU": spec.cpus_per_worker}),
+            run_config=ray.train.RunConfig(
+                name=f"attempt-{record['attempts']}", storage_path=storage_path, storage_filesystem=fs,
+                failure_config=ray.train.FailureConfig(max_failures=spec.max_failures),
+                checkpoint_config=ray.train.CheckpointConfig(num_to_keep=2),
+                worker_runtime_env={"env_vars": env}),
+        )
         trainer.fit()
     except Exception as e:  # noqa: BLE001 - any failure is recorded; checkpoints stay for --resume
         traceback.print_exc()

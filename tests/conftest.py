@@ -63,3 +63,23 @@ def storage_url(request, tmp_path, monkeypatch) -> str:
     for key, value in server.env().items():
         monkeypatch.setenv(key, value)
     return f"s3://herd/{uuid.uuid4().hex[:12]}"
+
+
+def _free_port() -> int:
+    import socket
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@pytest.fixture(scope="session")
+def ray_cluster():
+    """A local Ray head for the session, started and stopped through `herd cluster up/down`."""
+    from clirun import herd
+    os.environ["HERD_DASHBOARD_PORT"] = str(_free_port())
+    os.environ["HERD_GCS_PORT"] = str(_free_port())
+    os.environ.pop("RAY_ADDRESS", None)
+    result = herd("cluster", "up")
+    assert "started: local Ray cluster" in result.output, result.output
+    yield f"http://127.0.0.1:{os.environ['HERD_DASHBOARD_PORT']}"
+    herd("cluster", "down")
