@@ -1,0 +1,291 @@
+"""The continuous-batching engine.
+
+One thread owns the model. At every step it admits waiting requests into free KV-cache slots
+(prefilling their prompts), runs one batched decode forward for every running request, samples
+each row with its own parameters, streams the new text, and retires finished or cancelled
+requests so their slots are reused by the next step. Requests for different LoRA adapters share
+the batch; the adapters live in a fixed number of slots, least recently used evicted (never one
+a running request uses).
+
+Callers (the HTTP layer) `submit` a request with an `emit` callback and may `cancel` it; the
+callback receives `TokenEvent`s and one `FinishEvent` (or `ErrorEvent`).
+"""
+
+from __future__ import annotations
+
+import collections
+import itertools
+import threading
+import time
+from dataclasses import dataclass, field
+from typing import Callable
+
+import torch
+
+from llama.generation import SamplingParams, sample_next
+from llama.lora import LoraSpec
+from llama.tokenizer import Tokenizer
+from serving.runner import Runner
+
+AdapterKey = tuple[str, str]  # (name, version)
+AdapterLoader = Callable[[AdapterKey], tuple[LoraSpec, dict[str, torch.Tensor]]]
+
+
+@dataclass
+class TokenEvent:
+    text: str
+    token_id: int
+
+
+@dataclass
+class FinishEvent:
+    reason: str  # "stop" | "length" | "cancelled"
+    prompt_tokens: int
+    completion_tokens: int
+    token_ids: list[int]
+    text: str
+
+
+@dataclass
+class ErrorEvent:
+    message: str
+
+
+@dataclass
+class Request:
+    prompt_ids: list[int]
+    params: SamplingParams
+    emit: Callable[[object], None]
+    stop_strings: tuple[str, ...] = ()
+    adapter: AdapterKey | None = None
+    id: int = field(default_factory=itertools.count().__next__)
+    # engine state
+    slot: int = -1
+    lora_slot: int = 0
+    generated: list[int] = field(default_factory=list)
+    text: str = ""
+    sent: int = 0
+    cancelled: bool = False
+    generator: torch.Generator | None = None
+    submitted: float = field(default_factory=time.monotonic)
+    first_token_at: float | None = None
+    done: bool = False
+
+
+class AdapterSlots:
+    """Which adapter sits in which LoRA slot; LRU eviction of adapters no running request uses."""
+
+    def __init__(self, max_loras: int, loader: AdapterLoader, runner: Runner):
+        self.max_loras = max_loras
+        self.loader, self.runner = loader, runner
+        self.slot_of: collections.OrderedDict[AdapterKey, int] = collections.OrderedDict()
+        self.users: collections.Counter[AdapterKey] = collections.Counter()
+
+    def acquire(self, key: AdapterKey) -> int | None:
+        """A slot holding `key` (loading it, evicting the LRU idle adapter), or None if all are busy."""
+        if key in self.slot_of:
+            self.slot_of.move_to_end(key)
+        else:
+            free = set(range(1, self.max_loras + 1)) - set(self.slot_of.values())
+            if not free:
+                idle = [k for k in self.slot_of if self.users[k] == 0]
+                if not idle:
+                    return None
+                free = {self.slot_of.pop(idle[0])}
+            slot = min(free)
+            spec, state = self.loader(key)
+            self.runner.load_adapter(slot, spec, state)
+            self.slot_of[key] = slot
+        self.users[key] += 1
+        return self.slot_of[key]
+
+    def release(self, key: AdapterKey) -> None:
+        self.users[key] -= 1
+
+    def resident(self) -> list[AdapterKey]:
+        return list(self.slot_of)
+
+
+class Engine:
+    def __init__(self, runner: Runner, tokenizer: Tokenizer, slots: int, max_loras: int = 0,
+                 adapter_loader: AdapterLoader | None = None, max_waiting: int = 256,
+                 max_prefills_per_step: int = 4):
+        self.runner, self.tok = runner, tokenizer
+        self.cfg = runner.cfg
+        self.max_seq_len = getattr(getattr(runner, "cache", None), "max_seq_len", self.cfg.max_seq_len)
+        self.slots = slots
+        self.free_slots = list(range(slots))
+        self.adapters = AdapterSlots(max_loras, adapter_loader, runner) if max_loras else None
+        self.max_waiting = max_waiting
+        self.max_prefills = max_prefills_per_step
+        self.waiting: collections.deque[Request] = collections.deque()
+        self.running: list[Request] = []
+        self._cv = threading.Condition()
+        self._stop = False
+        self.stats = collections.Counter()
+        self.ttft: list[float] = []
+        self._thread = threading.Thread(target=self._loop, name="herd-engine", daemon=True)
+        self._thread.start()
+
+    # ---- API (any thread) -------------------------------------------------------------------
+
+    class Overloaded(RuntimeError):
+        pass
+
+    def submit(self, req: Request) -> Request:
+        if len(req.prompt_ids) + 1 > self.max_seq_len:
+            raise ValueError(f"prompt has {len(req.prompt_ids)} tokens; the context window is {self.max_seq_len}")
+        if req.adapter is not None and self.adapters is None:
+            raise ValueError("this server was deployed without LoRA slots (--max-loras 0)")
+        if req.params.temperature > 0:
+            req.generator = torch.Generator()
+            req.generator.manual_seed(req.params.seed if req.params.seed is not None else torch.seed())
+        with self._cv:
+            if len(self.waiting) >= self.max_waiting:
+                raise Engine.Overloaded(f"{len(self.waiting)} requests are already waiting")
+            self.waiting.append(req)
+            self._cv.notify()
+        return req
+
+    def cancel(self, req: Request) -> None:
+        with self._cv:
+            req.cancelled = True
+            self._cv.notify()
+
+    def snapshot(self) -> dict:
+        with self._cv:
+            return {"running": len(self.running), "waiting": len(self.waiting),
+                    "free_slots": len(self.free_slots),
+                    "resident_adapters": [f"{n}@{v}" for n, v in self.adapters.resident()] if self.adapters else []}
+
+    def shutdown(self) -> None:
+        with self._cv:
+            self._stop = True
+            self._cv.notify()
+        self._thread.join(timeout=10)
+
+    # ---- the loop (engine thread) -------------------------------------------------------------
+
+    def _loop(self) -> None:
+        while True:
+            with self._cv:
+                while not self._stop and not self.waiting and not self.running:
+                    self._cv.wait()
+                if self._stop:
+                    return
+                admitted = self._admit()
+            try:
+                self._step(admitted)
+            except Exception as e:  # noqa: BLE001 - fail the requests, keep serving
+                for req in admitted + self.running:
+                    self._finish(req, None, error=f"engine error: {type(e).__name__}: {e}")
+
+    def _admit(self) -> list[Request]:
+        """Move waiting requests into free slots (called with the lock held)."""
+        admitted: list[Request] = []
+        skipped: list[Request] = []
+        while self.waiting and self.free_slots and len(admitted) < self.max_prefills:
+            req = self.waiting.popleft()
+            if req.cancelled:
+                req.emit(FinishEvent("cancelled", len(req.prompt_ids), 0, [], ""))
+                continue
+            if req.adapter is not None:
+                try:
+                    lora = self.adapters.acquire(req.adapter)
+                except Exception as e:  # noqa: BLE001 - a broken adapter fails only its request
+                    req.emit(ErrorEvent(f"cannot load adapter {req.adapter[0]}@{req.adapter[1]}: {e}"))
+                    continue
+                if lora is None:  # every LoRA slot is in use: wait for one to free up
+                    skipped.append(req)
+                    continue
+                req.lora_slot = lora
+            req.slot = self.free_slots.pop()
+            admitted.append(req)
+        self.waiting.extendleft(reversed(skipped))
+        return admitted
+
+    def _step(self, admitted: list[Request]) -> None:
+        for req in admitted:  # prefill each new prompt, then it joins the decode batch
+            tokens = torch.tensor([req.prompt_ids])
+            positions = torch.arange(len(req.prompt_ids))[None]
+            logits = self.runner.forward(tokens, positions, torch.tensor([req.slot]), torch.tensor([req.lora_slot]))
+            self.stats["prompt_tokens"] += len(req.prompt_ids)
+            self._accept(req, self._sample([req], logits)[0])
+            if not req.cancelled and req.slot >= 0:
+                self.running.append(req)
+        for req in [r for r in self.running if r.cancelled]:
+            self._finish(req, "cancelled")
+        batch = [r for r in self.running if r not in admitted]
+        if not batch:
+            return
+        tokens = torch.tensor([[r.generated[-1]] for r in batch])
+        positions = torch.tensor([[len(r.prompt_ids) + len(r.generated) - 1] for r in batch])
+        rows = torch.tensor([r.slot for r in batch])
+        loras = torch.tensor([r.lora_slot for r in batch])
+        logits = self.runner.forward(tokens, positions, rows, loras)
+        self.stats["decode_steps"] += 1
+        self.stats["decode_rows"] += len(batch)
+        for req, token in zip(batch, self._sample(batch, logits)):
+            self._accept(req, token)
+
+    def _sample(self, batch: list[Request], logits: torch.Tensor) -> list[int]:
+        greedy = logits.argmax(dim=-1)
+        out = []
+        for i, req in enumerate(batch):
+            p = req.params
+            if p.temperature == 0:
+                out.append(int(greedy[i]))
+            else:
+                out.append(int(sample_next(logits[i:i + 1], p.temperature, p.top_p, p.top_k, req.generator)[0]))
+        return out
+
+    def _accept(self, req: Request, token: int) -> None:
+        """Append a sampled token, stream the new text, finish on EOS/stop/length."""
+        if req.first_token_at is None:
+            req.first_token_at = time.monotonic()
+            self.ttft.append(req.first_token_at - req.submitted)
+            self.ttft = self.ttft[-1000:]
+        if token == self.tok.eos_id or token in req.params.stop_ids:
+            self._finish(req, "stop")
+            return
+        req.generated.append(token)
+        self.stats["completion_tokens"] += 1
+        req.text = self.tok.decode(req.generated)
+        stop_at = min((i for i in (req.text.find(s) for s in req.stop_strings) if i >= 0), default=-1)
+        if stop_at >= 0:
+            req.text = req.text[:stop_at]
+            self._flush(req, token, hold=0)
+            self._finish(req, "stop")
+            return
+        self._flush(req, token, hold=max((len(s) - 1 for s in req.stop_strings), default=0))
+        context_full = len(req.prompt_ids) + len(req.generated) >= self.max_seq_len
+        if len(req.generated) >= req.params.max_tokens or context_full:
+            self._flush(req, token, hold=0)
+            self._finish(req, "length")
+
+    def _flush(self, req: Request, token: int, hold: int) -> None:
+        """Send text not yet sent, keeping back what could still become a stop string (or half a character)."""
+        end = len(req.text) - hold
+        while end > req.sent and req.text[end - 1] == "\ufffd" and hold:
+            end -= 1
+        if end > req.sent:
+            req.emit(TokenEvent(req.text[req.sent:end], token))
+            req.sent = end
+
+    def _finish(self, req: Request, reason: str | None, error: str | None = None) -> None:
+        if req.done:
+            return
+        req.done = True
+        if req.slot >= 0:
+            self.free_slots.append(req.slot)
+            req.slot = -1
+        if req in self.running:
+            self.running.remove(req)
+        if req.adapter is not None and req.lora_slot:
+            self.adapters.release(req.adapter)
+            req.lora_slot = 0
+        if error is not None:
+            req.emit(ErrorEvent(error))
+            return
+        self.stats[f"finished_{reason}"] += 1
+        req.emit(FinishEvent(reason, len(req.prompt_ids), len(req.generated), list(req.generated), req.text))

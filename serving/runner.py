@@ -1,0 +1,48 @@
+"""Model runners: what the engine calls to run one batched forward over KV-cache slots.
+
+`LocalRunner` holds the whole model in this process (TP=1). `serving/tensor_parallel.py` has the
+TP=N runner with the same interface, driving N Ray actors that each hold one shard.
+"""
+
+from __future__ import annotations
+
+from typing import Protocol
+
+import torch
+
+from llama.config import LlamaConfig
+from llama.lora import LoraSpec
+from llama.model import SlotKVCache, Transformer
+from llama.multi_lora import attach_multi_lora, load_into_slot, set_rows
+
+
+class Runner(Protocol):
+    cfg: LlamaConfig
+
+    def forward(self, tokens: torch.Tensor, positions: torch.Tensor, rows: torch.Tensor,
+                lora_slots: torch.Tensor) -> torch.Tensor:
+        """tokens/positions [B, T], rows (cache slots) [B], lora_slots [B] -> last-position logits [B, V]."""
+        ...
+
+    def load_adapter(self, slot: int, spec: LoraSpec, state: dict[str, torch.Tensor]) -> None: ...
+
+
+class LocalRunner:
+    def __init__(self, model: Transformer, slots: int, max_loras: int, max_lora_rank: int,
+                 max_seq_len: int | None = None):
+        self.model = model.eval()
+        self.cfg = model.cfg
+        param = next(model.parameters())
+        self.cache = SlotKVCache(model.cfg, slots, max_seq_len or model.cfg.max_seq_len, dtype=param.dtype,
+                                 device=param.device)
+        self.lora_layers = attach_multi_lora(model, max_loras, max_lora_rank) if max_loras > 0 else {}
+
+    @torch.inference_mode()
+    def forward(self, tokens, positions, rows, lora_slots):
+        if self.lora_layers:
+            set_rows(self.lora_layers, lora_slots)
+        self.cache.bind(rows, positions)
+        return self.model(tokens, positions, self.cache, last_only=True)[:, -1]
+
+    def load_adapter(self, slot, spec, state):
+        load_into_slot(self.lora_layers, slot, spec, state)
