@@ -69,10 +69,11 @@ app = typer.Typer(name="herd", help="Fine-tune and serve Llama 2 models on a Ray
 
 
 def _register() -> None:
-    from cluster import commands_adapters, commands_finetune, commands_models
+    from cluster import commands_adapters, commands_finetune, commands_models, commands_serve
     commands_models.register(app)
     commands_adapters.register(app)
     commands_finetune.register(app)
+    commands_serve.register(app)
 
 
 _register()

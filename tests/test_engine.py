@@ -1,11 +1,9 @@
 """The batching engine: continuous batching with per-row LoRA equals one-at-a-time generation."""
 
 import queue
-import threading
 
 import pytest
 import torch
-
 from adapters import random_adapter
 from conftest import make_model
 from llama.config import preset

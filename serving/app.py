@@ -1,0 +1,280 @@
+"""The Ray Serve application: an OpenAI-compatible FastAPI ingress over the batching engine.
+
+`herd serve deploy` hands Serve the entry point `serving.app:build_app` with its arguments;
+each replica loads the base model (TP=1 in process, TP=N as a group of Ray actors in the
+replica's placement group), starts an engine, and answers:
+
+    POST /v1/completions, POST /v1/chat/completions  (SSE with "stream": true)
+    GET  /v1/models, GET /health, GET /metrics
+"""
+
+import asyncio
+import json
+import os
+import time
+import uuid
+from typing import Any, AsyncIterator
+
+from fastapi import FastAPI, Request
+from fastapi.responses import JSONResponse, Response, StreamingResponse
+from ray import serve
+from starlette.concurrency import run_in_threadpool
+
+from cluster.storage import open_storage
+from llama.generation import SamplingParams
+from llama.tokenizer import DialogError, encode_dialog
+from serving.engine import Engine, ErrorEvent, FinishEvent, TokenEvent
+from serving.engine import Request as GenRequest
+from serving.metrics import ServerMetrics
+from serving.models_view import ModelsView
+from serving.openai_schema import APIError, ChatRequest, CompletionRequest, parse
+
+api = FastAPI(title="Herd", description="OpenAI-compatible Llama 2 serving")
+
+DEFAULT_COMPLETION_TOKENS = 16  # OpenAI's default for /v1/completions
+DEFAULT_CHAT_TOKENS = 512
+
+
+def _load_runner(cfg: dict):
+    storage = open_storage(cfg["storage"])
+    if cfg.get("tp", 1) > 1:
+        from serving.tensor_parallel import TPRunner
+        return TPRunner.create(storage, cfg["model"], cfg["tp"], slots=cfg["max_batch"], max_loras=cfg["max_loras"],
+                               max_lora_rank=cfg["max_lora_rank"], max_seq_len=cfg.get("max_seq_len"))
+    from cluster.models import load_base
+    from serving.runner import LocalRunner
+    model, tok = load_base(storage, cfg["model"])
+    runner = LocalRunner(model, slots=cfg["max_batch"], max_loras=cfg["max_loras"],
+                         max_lora_rank=cfg["max_lora_rank"], max_seq_len=cfg.get("max_seq_len"))
+    return runner, tok
+
+
+@serve.deployment
+@serve.ingress(api)
+class HerdServer:
+    def __init__(self, config: dict):
+        import torch
+        torch.set_num_threads(max(1, int(config.get("threads", 1))))
+        self.config = config
+        self.api_key = config.get("api_key") or os.environ.get("HERD_API_KEY") or None
+        self.max_body = int(config.get("max_body_bytes", 1 << 20))
+        self.base = config["model"]
+        self.view = ModelsView(open_storage(config["storage"]), self.base, ttl_s=config.get("adapter_ttl_s", 1.0))
+        self.runner, self.tok = _load_runner(config)
+        self.engine = Engine(self.runner, self.tok, slots=config["max_batch"], max_loras=config["max_loras"],
+                             adapter_loader=self.view.load, max_waiting=config.get("max_waiting", 256))
+        self.metrics = ServerMetrics()
+        self.context = self.engine.max_seq_len
+
+    # ---- plumbing -------------------------------------------------------------------------------
+
+    def _authorize(self, request: Request) -> None:
+        if not self.api_key:
+            return
+        header = request.headers.get("authorization", "")
+        if header != f"Bearer {self.api_key}":
+            raise APIError(401, "invalid or missing API key: send 'Authorization: Bearer <HERD_API_KEY>'",
+                           code="invalid_api_key")
+
+    async def _body(self, request: Request) -> bytes:
+        length = request.headers.get("content-length")
+        if length and length.isdigit() and int(length) > self.max_body:
+            raise APIError(413, f"request body is {length} bytes; the limit is {self.max_body}", code="body_too_large")
+        return await request.body()
+
+    # ---- endpoints ------------------------------------------------------------------------------
+
+    @api.get("/health")
+    def health(self) -> dict:
+        return {"status": "ok", "model": self.base, **self.engine.snapshot()}
+
+    @api.get("/v1/models")
+    async def models(self, request: Request):
+        try:
+            self._authorize(request)
+        except APIError as e:
+            return e.response()
+        return {"object": "list", "data": await run_in_threadpool(self.view.list)}
+
+    @api.get("/metrics")
+    def metrics_endpoint(self, request: Request):
+        try:
+            self._authorize(request)
+        except APIError as e:
+            return e.response()
+        return Response(self.metrics.render(self.engine.snapshot()), media_type="text/plain; version=0.0.4")
+
+    @api.post("/v1/completions")
+    async def completions(self, request: Request):
+        return await self._serve(request, "completion")
+
+    @api.post("/v1/chat/completions")
+    async def chat_completions(self, request: Request):
+        return await self._serve(request, "chat")
+
+    # ---- the shared path ------------------------------------------------------------------------
+
+    async def _serve(self, request: Request, kind: str):
+        adapter_label = "-"
+        try:
+            self._authorize(request)
+            body = parse(await self._body(request), ChatRequest if kind == "chat" else CompletionRequest,
+                         self.max_body)
+            adapter = await run_in_threadpool(self.view.resolve, body.model)
+            adapter_label = f"{adapter[0]}@{adapter[1]}" if adapter else "base"
+            prompt_ids = self._encode(body, kind)
+            params = self._sampling(body, kind, len(prompt_ids))
+            loop = asyncio.get_running_loop()
+            events: asyncio.Queue = asyncio.Queue()
+            req = GenRequest(prompt_ids, params, lambda ev: loop.call_soon_threadsafe(events.put_nowait, ev),
+                          stop_strings=tuple(body.stops()), adapter=adapter)
+            try:
+                self.engine.submit(req)
+            except Engine.Overloaded as e:
+                raise APIError(503, f"server overloaded: {e}; retry later", code="overloaded") from None
+        except APIError as e:
+            self.metrics.requests.labels(kind, adapter_label, str(e.status)).inc()
+            return e.response()
+        self.metrics.requests.labels(kind, adapter_label, "200").inc()
+        rid = f"{'chatcmpl' if kind == 'chat' else 'cmpl'}-{uuid.uuid4().hex[:24]}"
+        if body.stream:
+            include_usage = bool(body.stream_options and body.stream_options.include_usage)
+            return StreamingResponse(self._sse(req, events, kind, rid, body.model, include_usage),
+                                     media_type="text/event-stream")
+        finish = None
+        try:
+            while True:
+                ev = await events.get()
+                if isinstance(ev, (FinishEvent, ErrorEvent)):
+                    finish = ev
+                    break
+        finally:
+            if finish is None:  # the client went away: free the slot now
+                self.engine.cancel(req)
+        if isinstance(finish, ErrorEvent):
+            return APIError(500, finish.message, code="engine_error").response()
+        self._count(req, finish)
+        return JSONResponse(self._final_body(kind, rid, body.model, finish))
+
+    def _encode(self, body, kind: str) -> list[int]:
+        if kind == "completion":
+            return self.tok.encode(body.prompt, bos=True)
+        try:
+            return encode_dialog(self.tok, [m.model_dump() for m in body.messages])
+        except DialogError as e:
+            raise APIError(400, f"messages: {e}", param="messages", code="invalid_value") from None
+
+    def _sampling(self, body, kind: str, n_prompt: int) -> SamplingParams:
+        room = self.context - n_prompt
+        wanted = body.requested_max_tokens()
+        if room <= 0 or (wanted is not None and wanted > room):
+            raise APIError(400, f"this model's context window is {self.context} tokens; the prompt has {n_prompt} "
+                                f"and max_tokens asks for {wanted or 1} more", param="max_tokens",
+                           code="context_length_exceeded")
+        default = DEFAULT_CHAT_TOKENS if kind == "chat" else DEFAULT_COMPLETION_TOKENS
+        return SamplingParams(max_tokens=wanted or min(default, room), temperature=body.temperature,
+                              top_p=body.top_p, seed=body.seed)
+
+    def _count(self, req: GenRequest, finish: FinishEvent) -> None:
+        self.metrics.prompt_tokens.inc(finish.prompt_tokens)
+        self.metrics.completion_tokens.inc(finish.completion_tokens)
+        if req.first_token_at is not None:
+            self.metrics.ttft.observe(req.first_token_at - req.submitted)
+
+    @staticmethod
+    def _usage(finish: FinishEvent) -> dict:
+        return {"prompt_tokens": finish.prompt_tokens, "completion_tokens": finish.completion_tokens,
+                "total_tokens": finish.prompt_tokens + finish.completion_tokens}
+
+    def _final_body(self, kind: str, rid: str, model: str, finish: FinishEvent) -> dict:
+        reason = "length" if finish.reason == "length" else "stop"
+        base = {"id": rid, "created": int(time.time()), "model": model, "usage": self._usage(finish)}
+        if kind == "chat":
+            choice = {"index": 0, "message": {"role": "assistant", "content": finish.text}, "finish_reason": reason,
+                      "logprobs": None}
+            return {**base, "object": "chat.completion", "choices": [choice]}
+        choice = {"index": 0, "text": finish.text, "finish_reason": reason, "logprobs": None}
+        return {**base, "object": "text_completion", "choices": [choice]}
+
+    async def _sse(self, req: GenRequest, events: asyncio.Queue, kind: str, rid: str, model: str,
+                   include_usage: bool) -> AsyncIterator[str]:
+        created = int(time.time())
+        obj = "chat.completion.chunk" if kind == "chat" else "text_completion"
+
+        def chunk(delta: Any, reason: str | None = None, usage: dict | None = None) -> str:
+            if kind == "chat":
+                choices = [] if delta is None else [{"index": 0, "delta": delta, "finish_reason": reason,
+                                                     "logprobs": None}]
+            else:
+                choices = [] if delta is None else [{"index": 0, "text": delta, "finish_reason": reason,
+                                                     "logprobs": None}]
+            payload = {"id": rid, "object": obj, "created": created, "model": model, "choices": choices}
+            if usage is not None:
+                payload["usage"] = usage
+            return f"data: {json.dumps(payload)}\n\n"
+
+        finished = False
+        try:
+            if kind == "chat":
+                yield chunk({"role": "assistant", "content": ""})
+            while True:
+                ev = await events.get()
+                if isinstance(ev, TokenEvent):
+                    yield chunk({"content": ev.text} if kind == "chat" else ev.text)
+                elif isinstance(ev, FinishEvent):
+                    finished = True
+                    self._count(req, ev)
+                    reason = "length" if ev.reason == "length" else "stop"
+                    yield chunk({} if kind == "chat" else "", reason)
+                    if include_usage:
+                        yield chunk(None, usage=self._usage(ev))
+                    yield "data: [DONE]\n\n"
+                    return
+                elif isinstance(ev, ErrorEvent):
+                    finished = True
+                    yield f"data: {json.dumps({'error': {'message': ev.message, 'type': 'server_error'}})}\n\n"
+                    return
+        finally:
+            if not finished:  # client disconnected mid-stream: free the slot at once
+                self.engine.cancel(req)
+
+
+def deployment_options(args: dict) -> dict:
+    """Serve options for the deployment from the CLI's arguments."""
+    autoscaling = {
+        "min_replicas": args.get("min_replicas", 1),
+        "max_replicas": args.get("max_replicas", 1),
+        "target_ongoing_requests": args.get("target_ongoing_requests", 8),
+        "upscale_delay_s": args.get("upscale_delay_s", 30.0),
+        "downscale_delay_s": args.get("downscale_delay_s", 600.0),
+        "look_back_period_s": args.get("look_back_period_s", 30.0),
+        "metrics_interval_s": args.get("metrics_interval_s", 10.0),
+    }
+    if autoscaling["min_replicas"] == 0:
+        autoscaling["initial_replicas"] = 1
+    options: dict[str, Any] = {
+        "autoscaling_config": autoscaling,
+        "max_ongoing_requests": args.get("max_ongoing_requests", args.get("max_batch", 32) + 64),
+        "max_queued_requests": args.get("max_queued_requests", -1),
+        "ray_actor_options": {"num_cpus": args.get("replica_cpus", 1.0)},
+        "health_check_period_s": 5,
+    }
+    tp = args.get("tp", 1)
+    if tp > 1:
+        # The replica itself takes a small bundle; its TP workers go into bundles 1..N.
+        options["placement_group_bundles"] = [{"CPU": 0.2}] + [{"CPU": args.get("worker_cpus", 1.0)}] * tp
+        options["placement_group_strategy"] = args.get("placement_strategy", "PACK")
+        options["ray_actor_options"] = {"num_cpus": 0.2}
+    return options
+
+
+def build_app(args: dict):
+    """The application builder Serve imports (`serving.app:build_app`)."""
+    config = {
+        "storage": args["storage"], "model": args["model"], "tp": int(args.get("tp", 1)),
+        "max_batch": int(args.get("max_batch", 32)), "max_loras": int(args.get("max_loras", 8)),
+        "max_lora_rank": int(args.get("max_lora_rank", 64)), "max_waiting": int(args.get("max_waiting", 256)),
+        "max_body_bytes": int(args.get("max_body_bytes", 1 << 20)), "threads": int(args.get("threads", 1)),
+        "adapter_ttl_s": float(args.get("adapter_ttl_s", 1.0)), "max_seq_len": args.get("max_seq_len"),
+    }
+    return HerdServer.options(**deployment_options(args)).bind(config)
