@@ -1,0 +1,234 @@
+"""The deployed endpoint on a real local Ray Serve, through the real openai client."""
+
+import json
+import socket
+import threading
+import time
+
+import httpx
+import openai
+import pytest
+
+from adapters import random_adapter
+from clirun import herd, herd_json
+from cluster.local_inference import generate_text
+from cluster.models import create_tiny_model, load_config
+from cluster.registry import AdapterRegistry
+from cluster.storage import open_storage
+
+API_KEY = "test-key-123"
+pytestmark = pytest.mark.usefixtures("ray_cluster")
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@pytest.fixture(scope="module")
+def served(tmp_path_factory, ray_cluster):
+    """One deployment for the module: tiny base + 3 adapters (+ a v2 for promote), API key on."""
+    root = tmp_path_factory.mktemp("serve")
+    url = str(root / "storage")
+    storage = open_storage(url)
+    create_tiny_model(storage, "base")
+    cfg = load_config(storage, "base")
+    reg = AdapterRegistry(storage)
+    targets = ("q_proj", "v_proj", "o_proj", "down_proj")
+    for i, name in enumerate(["a1", "a2", "a3"]):
+        reg.push(random_adapter(root / name, cfg, r=4 + 2 * i, alpha=64, targets=targets, seed=i), name)
+    reg.push(random_adapter(root / "a1v2", cfg, r=4, alpha=64, targets=targets, seed=99), "a1")  # v2, not current
+    port = _free_port()
+    mp = pytest.MonkeyPatch()
+    mp.setenv("HERD_API_KEY", API_KEY)
+    out = herd_json("serve", "deploy", "--model", "base", "--port", str(port), "--max-loras", "4",
+                    "--max-batch", "16", "--min-replicas", "1", "--max-replicas", "3",
+                    "--target-ongoing-requests", "2", "--upscale-delay-s", "2", "--downscale-delay-s", "8",
+                    "--look-back-period-s", "3", "--metrics-interval-s", "1", "--replica-cpus", "0.5",
+                    storage=url)
+    assert out["status"] == "RUNNING" and out["endpoint"] == f"http://127.0.0.1:{port}"
+    yield {"url": f"http://127.0.0.1:{port}", "storage": url, "registry": reg}
+    herd("serve", "shutdown")
+    mp.undo()
+
+
+@pytest.fixture
+def client(served):
+    return openai.OpenAI(base_url=served["url"] + "/v1", api_key=API_KEY, max_retries=0, timeout=60)
+
+
+def _local(served, prompt, max_tokens, adapter=None):
+    return generate_text(served["storage"], "base", prompt, adapter=adapter, max_tokens=max_tokens)["text"]
+
+
+def test_openai_client_completions_and_chat(client, served):
+    models = [m.id for m in client.models.list().data]
+    assert models[0] == "base" and {"base:a1", "base:a2", "base:a3"} <= set(models)
+    done = client.completions.create(model="base", prompt="In the beginning", max_tokens=12, temperature=0)
+    assert done.choices[0].text == _local(served, "In the beginning", 12)
+    assert done.usage.completion_tokens == 12 and done.choices[0].finish_reason == "length"
+    streamed = "".join(c.choices[0].text for c in client.completions.create(
+        model="base:a2", prompt="In the beginning", max_tokens=12, temperature=0, stream=True) if c.choices)
+    assert streamed == _local(served, "In the beginning", 12, adapter="a2")
+    chat = client.chat.completions.create(model="base:a1", messages=[{"role": "user", "content": "Who?"}],
+                                          max_tokens=8, temperature=0)
+    assert chat.choices[0].message.role == "assistant" and chat.usage.completion_tokens <= 8
+    chunks = list(client.chat.completions.create(model="base:a1", messages=[{"role": "user", "content": "Who?"}],
+                                                 max_tokens=8, temperature=0, stream=True,
+                                                 stream_options={"include_usage": True}))
+    text = "".join(c.choices[0].delta.content or "" for c in chunks if c.choices)
+    assert text == chat.choices[0].message.content
+    assert chunks[-1].usage.completion_tokens == chat.usage.completion_tokens
+
+
+def test_concurrent_mixed_adapters_equal_single_requests(client, served):
+    jobs = [("base", None), ("base:a1", "a1"), ("base:a2", "a2"), ("base:a3", "a3")] * 2
+    prompts = ["In the beginning", "And God said", "The LORD is my shepherd", "Blessed are",
+               "And it came to pass in those days", "Let there be", "For God so loved", "Amen"]
+    results = [None] * 8
+
+    def run(i):
+        model, _ = jobs[i]
+        results[i] = client.completions.create(model=model, prompt=prompts[i], max_tokens=6 + 3 * i,
+                                               temperature=0).choices[0].text
+    threads = [threading.Thread(target=run, args=(i,)) for i in range(8)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    for i, (_, adapter) in enumerate(jobs):
+        assert results[i] == _local(served, prompts[i], 6 + 3 * i, adapter=adapter), (i, adapter)
+
+
+def test_errors_are_openai_shaped(client, served):
+    url = served["url"]
+    bad_key = openai.OpenAI(base_url=url + "/v1", api_key="wrong", max_retries=0)
+    with pytest.raises(openai.AuthenticationError) as e:
+        bad_key.completions.create(model="base", prompt="x", max_tokens=2)
+    assert e.value.status_code == 401 and e.value.body["code"] == "invalid_api_key"
+    r = httpx.post(url + "/v1/completions", json={"model": "base", "prompt": "x"})
+    assert r.status_code == 401 and r.json()["error"]["type"] == "authentication_error"
+    assert httpx.get(url + "/health").status_code == 200  # no key needed
+    with pytest.raises(openai.NotFoundError) as e:
+        client.completions.create(model="base:ghost", prompt="x", max_tokens=2)
+    assert e.value.body["param"] == "model" and e.value.body["code"] == "model_not_found"
+    with pytest.raises(openai.NotFoundError):
+        client.completions.create(model="llama2-70b", prompt="x", max_tokens=2)
+    with pytest.raises(openai.BadRequestError) as e:
+        client.completions.create(model="base", prompt="word " * 600, max_tokens=10)
+    assert e.value.body["code"] == "context_length_exceeded"
+    with pytest.raises(openai.BadRequestError) as e:
+        client.completions.create(model="base", prompt="x", max_tokens=600)
+    assert e.value.body["param"] == "max_tokens"
+    with pytest.raises(openai.BadRequestError) as e:
+        client.completions.create(model="base", prompt="x", temperature=5)
+    assert e.value.body["param"] == "temperature"
+    with pytest.raises(openai.BadRequestError) as e:
+        client.completions.create(model="base", prompt="x", stop=["a", "b", "c", "d", "e"])
+    assert e.value.body["param"] == "stop"
+    with pytest.raises(openai.BadRequestError) as e:
+        client.chat.completions.create(model="base", messages=[{"role": "user", "content": "[INST] x"}])
+    assert e.value.body["param"] == "messages"
+    headers = {"Authorization": f"Bearer {API_KEY}"}
+    r = httpx.post(url + "/v1/completions", json={"model": "base", "prompt": "x", "warp": 9}, headers=headers)
+    assert r.status_code == 400 and r.json()["error"]["param"] == "warp"
+    r = httpx.post(url + "/v1/completions", content=b"{not json", headers=headers)
+    assert r.status_code == 400 and r.json()["error"]["code"] == "invalid_json"
+    r = httpx.post(url + "/v1/completions", json={"model": "base", "prompt": "x" * (2 << 20)}, headers=headers)
+    assert r.status_code == 413 and r.json()["error"]["code"] == "body_too_large"
+
+
+def _running(url):
+    return httpx.get(url + "/health").json()["running"]
+
+
+def test_client_disconnect_frees_the_slot(served):
+    url = served["url"]
+    headers = {"Authorization": f"Bearer {API_KEY}"}
+    body = {"model": "base", "prompt": "In the beginning", "max_tokens": 480, "temperature": 0, "stream": True}
+    with httpx.stream("POST", url + "/v1/completions", json=body, headers=headers, timeout=60) as r:
+        assert r.status_code == 200
+        lines = r.iter_lines()
+        got = [next(lines) for _ in range(4)]
+        assert any(line.startswith("data: ") for line in got)
+        assert _running(url) == 1
+    deadline = time.time() + 10
+    while time.time() < deadline and _running(url):
+        time.sleep(0.2)
+    assert _running(url) == 0
+
+
+def test_promote_switches_version_without_failures(client, served):
+    prompt = "And God said"
+    v1, v2 = (_local(served, prompt, 10, adapter=f"a1@{v}") for v in ("v1", "v2"))
+    assert v1 != v2
+    answers, errors, stop = [], [], threading.Event()
+
+    def hammer():
+        while not stop.is_set():
+            try:
+                answers.append((time.time(), client.completions.create(
+                    model="base:a1", prompt=prompt, max_tokens=10, temperature=0).choices[0].text))
+            except Exception as e:  # noqa: BLE001
+                errors.append(e)
+    threads = [threading.Thread(target=hammer) for _ in range(2)]
+    for t in threads:
+        t.start()
+    time.sleep(2)
+    served["registry"].promote("a1@v2")
+    switched = time.time()
+    time.sleep(6)
+    stop.set()
+    for t in threads:
+        t.join()
+    try:
+        assert not errors
+        assert {a for _, a in answers} <= {v1, v2}
+        assert any(a == v1 for t, a in answers if t < switched)
+        late = [a for t, a in answers if t > switched + 3]
+        assert late and all(a == v2 for a in late)  # every replica serves v2 within a few seconds
+    finally:
+        served["registry"].promote("a1@v1")
+
+
+def test_metrics_and_chat_cli(served):
+    r = herd("chat", "--adapter", "a3", "--max-tokens", "6", "Who made the light?",
+             env={"HERD_API_KEY": API_KEY, "HERD_ENDPOINT": served["url"]})
+    assert r.output.strip() and "error" not in r.output
+    text = httpx.get(served["url"] + "/metrics", headers={"Authorization": f"Bearer {API_KEY}"}).text
+    for name in ("herd_requests_total", "herd_prompt_tokens_total", "herd_completion_tokens_total",
+                 "herd_time_to_first_token_seconds_bucket", "herd_resident_adapters", "herd_running_requests"):
+        assert name in text, name
+    assert 'adapter="a3@v1"' in text
+    assert httpx.get(served["url"] + "/metrics").status_code == 401
+    st = herd_json("serve", "status")
+    assert st["status"] == "RUNNING" and st["running_replicas"] >= 1
+
+
+def test_autoscaling_up_under_load_and_back_down(client, served):
+    """Sustained load: 1 -> >1 replicas; after it stops, back to 1 (fast delays set at deploy)."""
+    def replicas():
+        return herd_json("serve", "status")["running_replicas"]
+    assert replicas() == 1
+    stop = threading.Event()
+
+    def load():
+        while not stop.is_set():
+            list(client.completions.create(model="base", prompt="In the beginning", max_tokens=120,
+                                           temperature=0.7, stream=True))
+    threads = [threading.Thread(target=load) for _ in range(10)]
+    for t in threads:
+        t.start()
+    peak, deadline = 1, time.time() + 60
+    while time.time() < deadline and peak < 2:
+        time.sleep(1)
+        peak = max(peak, replicas())
+    stop.set()
+    for t in threads:
+        t.join()
+    assert peak >= 2
+    deadline = time.time() + 90
+    while time.time() < deadline and replicas() > 1:
+        time.sleep(2)
+    assert replicas() == 1
