@@ -32,6 +32,7 @@ def serve_deploy(
     look_back_period_s: Annotated[float, typer.Option("--look-back-period-s", hidden=True)] = 30.0,
     metrics_interval_s: Annotated[float, typer.Option("--metrics-interval-s", hidden=True)] = 10.0,
     replica_cpus: Annotated[float, typer.Option("--replica-cpus", min=0.01)] = 1.0,
+    worker_cpus: Annotated[float, typer.Option("--worker-cpus", min=0.01, help="CPUs per TP worker")] = 1.0,
     threads: Annotated[int, typer.Option("--threads", min=1, help="torch threads per replica")] = 1,
     address: AddressOpt = None, storage: StorageOpt = None, json_: JsonOpt = False,
 ) -> None:
@@ -47,7 +48,7 @@ def serve_deploy(
                 "max_lora_rank": max_lora_rank, "max_batch": max_batch, "max_waiting": max_queued_requests,
                 "upscale_delay_s": upscale_delay_s, "downscale_delay_s": downscale_delay_s,
                 "look_back_period_s": look_back_period_s, "metrics_interval_s": metrics_interval_s,
-                "replica_cpus": replica_cpus, "threads": threads}
+                "replica_cpus": replica_cpus, "worker_cpus": worker_cpus, "threads": threads}
         result = serve_control.deploy(open_storage(storage), args, address, port=port, say=_say)
         emit(result, json_, f"endpoint ready: {result['endpoint']}/v1 serving {model!r} "
                             f"({result['running_replicas']} replica(s), TP={tp})")

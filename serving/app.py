@@ -40,7 +40,8 @@ def _load_runner(cfg: dict):
     if cfg.get("tp", 1) > 1:
         from serving.tensor_parallel import TPRunner
         return TPRunner.create(storage, cfg["model"], cfg["tp"], slots=cfg["max_batch"], max_loras=cfg["max_loras"],
-                               max_lora_rank=cfg["max_lora_rank"], max_seq_len=cfg.get("max_seq_len"))
+                               max_lora_rank=cfg["max_lora_rank"], max_seq_len=cfg.get("max_seq_len"),
+                               worker_cpus=cfg["worker_cpus"])
     from cluster.models import load_base
     from serving.runner import LocalRunner
     model, tok = load_base(storage, cfg["model"])
@@ -276,5 +277,6 @@ def build_app(args: dict):
         "max_lora_rank": int(args.get("max_lora_rank", 64)), "max_waiting": int(args.get("max_waiting", 256)),
         "max_body_bytes": int(args.get("max_body_bytes", 1 << 20)), "threads": int(args.get("threads", 1)),
         "adapter_ttl_s": float(args.get("adapter_ttl_s", 1.0)), "max_seq_len": args.get("max_seq_len"),
+        "worker_cpus": float(args.get("worker_cpus", 1.0)),
     }
     return HerdServer.options(**deployment_options(args)).bind(config)

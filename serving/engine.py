@@ -112,7 +112,7 @@ class Engine:
                  max_prefills_per_step: int = 4):
         self.runner, self.tok = runner, tokenizer
         self.cfg = runner.cfg
-        self.max_seq_len = getattr(getattr(runner, "cache", None), "max_seq_len", self.cfg.max_seq_len)
+        self.max_seq_len = runner.max_seq_len
         self.slots = slots
         self.free_slots = list(range(slots))
         self.adapters = AdapterSlots(max_loras, adapter_loader, runner) if max_loras else None

@@ -18,6 +18,7 @@ from llama.multi_lora import attach_multi_lora, load_into_slot, set_rows
 
 class Runner(Protocol):
     cfg: LlamaConfig
+    max_seq_len: int  # the KV cache's length: the context window the engine enforces
 
     def forward(self, tokens: torch.Tensor, positions: torch.Tensor, rows: torch.Tensor,
                 lora_slots: torch.Tensor) -> torch.Tensor:
@@ -35,6 +36,7 @@ class LocalRunner:
         param = next(model.parameters())
         self.cache = SlotKVCache(model.cfg, slots, max_seq_len or model.cfg.max_seq_len, dtype=param.dtype,
                                  device=param.device)
+        self.max_seq_len = self.cache.max_seq_len
         self.lora_layers = attach_multi_lora(model, max_loras, max_lora_rank) if max_loras > 0 else {}
 
     @torch.inference_mode()

@@ -1,6 +1,5 @@
 """The deployed endpoint on a real local Ray Serve, through the real openai client."""
 
-import json
 import socket
 import threading
 import time
