@@ -34,6 +34,8 @@ def serve_deploy(
     replica_cpus: Annotated[float, typer.Option("--replica-cpus", min=0.01)] = 1.0,
     worker_cpus: Annotated[float, typer.Option("--worker-cpus", min=0.01, help="CPUs per TP worker")] = 1.0,
     threads: Annotated[int, typer.Option("--threads", min=1, help="torch threads per replica")] = 1,
+    stream_interval: Annotated[int, typer.Option("--stream-interval", min=1,
+                                                 help="stream text every N tokens (fewer, larger SSE chunks)")] = 1,
     address: AddressOpt = None, storage: StorageOpt = None, json_: JsonOpt = False,
 ) -> None:
     """Deploy the endpoint; returns once it answers /health."""
@@ -48,7 +50,8 @@ def serve_deploy(
                 "max_lora_rank": max_lora_rank, "max_batch": max_batch, "max_waiting": max_queued_requests,
                 "upscale_delay_s": upscale_delay_s, "downscale_delay_s": downscale_delay_s,
                 "look_back_period_s": look_back_period_s, "metrics_interval_s": metrics_interval_s,
-                "replica_cpus": replica_cpus, "worker_cpus": worker_cpus, "threads": threads}
+                "replica_cpus": replica_cpus, "worker_cpus": worker_cpus, "threads": threads,
+                "stream_interval": stream_interval}
         result = serve_control.deploy(open_storage(storage), args, address, port=port, say=_say)
         emit(result, json_, f"endpoint ready: {result['endpoint']}/v1 serving {model!r} "
                             f"({result['running_replicas']} replica(s), TP={tp})")

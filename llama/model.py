@@ -179,11 +179,13 @@ class Transformer(nn.Module):
         self.inv_freq = rope_inv_freq(cfg.head_dim, cfg.rope_theta)
 
     def forward(self, tokens: torch.Tensor, positions: torch.Tensor | None = None,
-                cache: KVCache | None = None, last_only: bool = False) -> torch.Tensor:
+                cache: KVCache | None = None, last_only: bool = False,
+                last_index: torch.Tensor | None = None) -> torch.Tensor:
         """tokens [B, T] -> logits [B, T, V] (or [B, 1, V] with `last_only`).
 
         Without a cache the sequence is attended causally from position 0 (training, scoring).
         With a cache, `positions` [B, T] place the tokens; the cache supplies the mask.
+        `last_index` [B] picks each row's own last position (right-padded batched prefill).
         """
         b, t = tokens.shape
         if positions is None:
@@ -192,7 +194,9 @@ class Transformer(nn.Module):
         cos, sin = rope_cos_sin(self.inv_freq, positions, h.dtype)
         for layer in self.layers:
             h = layer(h, cos, sin, cache)
-        if last_only:
+        if last_index is not None:
+            h = h[torch.arange(b, device=h.device), last_index][:, None]
+        elif last_only:
             h = h[:, -1:]
         return self.output(self.norm(h)).float()
 

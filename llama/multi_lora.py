@@ -34,7 +34,8 @@ class MultiLoraLinear(nn.Module):
         self.register_buffer("B", torch.zeros(slots + 1, base.out_features, max_rank, dtype=dtype, device=device))
         self.register_buffer("scaling", torch.zeros(slots + 1, dtype=dtype, device=device))
         self.indices: torch.Tensor | None = None  # [batch] slot per row, set by `set_rows`
-        self.active = False  # any row with an adapter in this batch?
+        self.loaded: set[int] = set()  # slots whose adapter targets this layer
+        self.active = False  # does any row of this batch use an adapter that targets this layer?
 
     @property
     def weight(self) -> torch.Tensor:
@@ -84,6 +85,7 @@ def load_into_slot(layers: dict[str, MultiLoraLinear], slot: int, spec: LoraSpec
             layer.A[slot].zero_()
             layer.B[slot].zero_()
             layer.scaling[slot] = 0.0
+            layer.loaded.discard(slot)
             module = path.split(".", 2)[2]
             if module not in targeted:
                 continue
@@ -98,11 +100,12 @@ def load_into_slot(layers: dict[str, MultiLoraLinear], slot: int, spec: LoraSpec
             layer.A[slot, : spec.r].copy_(a)
             layer.B[slot, :, : spec.r].copy_(b)
             layer.scaling[slot] = spec.scaling
+            layer.loaded.add(slot)
 
 
 def set_rows(layers: dict[str, MultiLoraLinear], indices: torch.Tensor) -> None:
-    """Tell every layer which slot each batch row uses (0 = base)."""
-    active = bool((indices > 0).any())
+    """Tell every layer which slot each batch row uses (0 = base); layers no row adapts skip LoRA."""
+    used = set(indices.tolist()) - {0}
     for layer in layers.values():
         layer.indices = indices
-        layer.active = active
+        layer.active = bool(used & layer.loaded)

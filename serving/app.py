@@ -63,7 +63,8 @@ class HerdServer:
         self.view = ModelsView(open_storage(config["storage"]), self.base, ttl_s=config.get("adapter_ttl_s", 1.0))
         self.runner, self.tok = _load_runner(config)
         self.engine = Engine(self.runner, self.tok, slots=config["max_batch"], max_loras=config["max_loras"],
-                             adapter_loader=self.view.load, max_waiting=config.get("max_waiting", 256))
+                             adapter_loader=self.view.load, max_waiting=config.get("max_waiting", 256),
+                             stream_interval=config.get("stream_interval", 1))
         self.metrics = ServerMetrics()
         self.context = self.engine.max_seq_len
 
@@ -218,10 +219,19 @@ class HerdServer:
         try:
             if kind == "chat":
                 yield chunk({"role": "assistant", "content": ""})
+            pending = None
             while True:
-                ev = await events.get()
+                ev, pending = pending or await events.get(), None
                 if isinstance(ev, TokenEvent):
-                    yield chunk({"content": ev.text} if kind == "chat" else ev.text)
+                    # Under load the engine runs ahead of the network: send what is ready as one chunk.
+                    text = ev.text
+                    while pending is None and not events.empty():
+                        nxt = events.get_nowait()
+                        if isinstance(nxt, TokenEvent):
+                            text += nxt.text
+                        else:
+                            pending = nxt
+                    yield chunk({"content": text} if kind == "chat" else text)
                 elif isinstance(ev, FinishEvent):
                     finished = True
                     self._count(req, ev)
@@ -277,6 +287,6 @@ def build_app(args: dict):
         "max_lora_rank": int(args.get("max_lora_rank", 64)), "max_waiting": int(args.get("max_waiting", 256)),
         "max_body_bytes": int(args.get("max_body_bytes", 1 << 20)), "threads": int(args.get("threads", 1)),
         "adapter_ttl_s": float(args.get("adapter_ttl_s", 1.0)), "max_seq_len": args.get("max_seq_len"),
-        "worker_cpus": float(args.get("worker_cpus", 1.0)),
+        "worker_cpus": float(args.get("worker_cpus", 1.0)), "stream_interval": int(args.get("stream_interval", 1)),
     }
     return HerdServer.options(**deployment_options(args)).bind(config)

@@ -109,7 +109,7 @@ class AdapterSlots:
 class Engine:
     def __init__(self, runner: Runner, tokenizer: Tokenizer, slots: int, max_loras: int = 0,
                  adapter_loader: AdapterLoader | None = None, max_waiting: int = 256,
-                 max_prefills_per_step: int = 4):
+                 max_prefills_per_step: int = 16, stream_interval: int = 1):
         self.runner, self.tok = runner, tokenizer
         self.cfg = runner.cfg
         self.max_seq_len = runner.max_seq_len
@@ -118,6 +118,7 @@ class Engine:
         self.adapters = AdapterSlots(max_loras, adapter_loader, runner) if max_loras else None
         self.max_waiting = max_waiting
         self.max_prefills = max_prefills_per_step
+        self.stream_interval = stream_interval  # send text every N tokens (vLLM's --stream-interval)
         self.waiting: collections.deque[Request] = collections.deque()
         self.running: list[Request] = []
         self._cv = threading.Condition()
@@ -205,14 +206,20 @@ class Engine:
         return admitted
 
     def _step(self, admitted: list[Request]) -> None:
-        for req in admitted:  # prefill each new prompt, then it joins the decode batch
-            tokens = torch.tensor([req.prompt_ids])
-            positions = torch.arange(len(req.prompt_ids))[None]
-            logits = self.runner.forward(tokens, positions, torch.tensor([req.slot]), torch.tensor([req.lora_slot]))
-            self.stats["prompt_tokens"] += len(req.prompt_ids)
-            self._accept(req, self._sample([req], logits)[0])
-            if not req.cancelled and req.slot >= 0:
-                self.running.append(req)
+        if admitted:  # one right-padded forward prefills every new prompt; then they join the batch
+            width = max(len(r.prompt_ids) for r in admitted)
+            tokens = torch.zeros(len(admitted), width, dtype=torch.long)
+            for i, r in enumerate(admitted):
+                tokens[i, : len(r.prompt_ids)] = torch.tensor(r.prompt_ids)
+            positions = torch.arange(width).expand(len(admitted), width)
+            last = torch.tensor([len(r.prompt_ids) - 1 for r in admitted])
+            logits = self.runner.forward(tokens, positions, torch.tensor([r.slot for r in admitted]),
+                                         torch.tensor([r.lora_slot for r in admitted]), last_index=last)
+            for req, token in zip(admitted, self._sample(admitted, logits)):
+                self.stats["prompt_tokens"] += len(req.prompt_ids)
+                self._accept(req, token)
+                if not req.cancelled and req.slot >= 0:
+                    self.running.append(req)
         for req in [r for r in self.running if r.cancelled]:
             self._finish(req, "cancelled")
         batch = [r for r in self.running if r not in admitted]
@@ -257,7 +264,8 @@ class Engine:
             self._flush(req, token, hold=0)
             self._finish(req, "stop")
             return
-        self._flush(req, token, hold=max((len(s) - 1 for s in req.stop_strings), default=0))
+        if len(req.generated) % self.stream_interval == 0:
+            self._flush(req, token, hold=max((len(s) - 1 for s in req.stop_strings), default=0))
         context_full = len(req.prompt_ids) + len(req.generated) >= self.max_seq_len
         if len(req.generated) >= req.params.max_tokens or context_full:
             self._flush(req, token, hold=0)

@@ -21,8 +21,9 @@ class Runner(Protocol):
     max_seq_len: int  # the KV cache's length: the context window the engine enforces
 
     def forward(self, tokens: torch.Tensor, positions: torch.Tensor, rows: torch.Tensor,
-                lora_slots: torch.Tensor) -> torch.Tensor:
-        """tokens/positions [B, T], rows (cache slots) [B], lora_slots [B] -> last-position logits [B, V]."""
+                lora_slots: torch.Tensor, last_index: torch.Tensor | None = None) -> torch.Tensor:
+        """tokens/positions [B, T], rows (cache slots) [B], lora_slots [B] -> logits [B, V] at each
+        row's `last_index` (default: the last column)."""
         ...
 
     def load_adapter(self, slot: int, spec: LoraSpec, state: dict[str, torch.Tensor]) -> None: ...
@@ -40,11 +41,11 @@ class LocalRunner:
         self.lora_layers = attach_multi_lora(model, max_loras, max_lora_rank) if max_loras > 0 else {}
 
     @torch.inference_mode()
-    def forward(self, tokens, positions, rows, lora_slots):
+    def forward(self, tokens, positions, rows, lora_slots, last_index=None):
         if self.lora_layers:
             set_rows(self.lora_layers, lora_slots)
         self.cache.bind(rows, positions)
-        return self.model(tokens, positions, self.cache, last_only=True)[:, -1]
+        return self.model(tokens, positions, self.cache, last_only=True, last_index=last_index)[:, -1]
 
     def load_adapter(self, slot, spec, state):
         load_into_slot(self.lora_layers, slot, spec, state)

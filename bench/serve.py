@@ -1,0 +1,153 @@
+"""Serving benchmark: Herd's endpoint against transformers' `generate` on the same weights.
+
+    python bench/serve.py [--preset small] [--max-tokens 64] [--requests 4]
+
+Starts its own local Ray cluster, creates a model of the preset shape (random weights, the
+same file for both), pushes 16 LoRA adapters, deploys Herd (TP=1, one replica) and measures
+over HTTP with real streaming clients:
+  - decode tokens/s at batch 1 (one client) vs transformers generate at batch 1;
+  - aggregate tokens/s with 1/8/32 concurrent clients vs transformers generate run
+    sequentially (one request after another);
+  - 32 clients spread over 16 different adapters vs 32 clients on the base model.
+Greedy decoding everywhere; tokens counted from the API's usage.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import socket
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+from pathlib import Path
+
+import torch
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+sys.path.insert(0, str(ROOT / "tests"))
+os.environ.setdefault("DS_ACCELERATOR", "cpu")
+
+from adapters import random_adapter  # noqa: E402
+from cluster.models import create_tiny_model, load_config, local_model_dir  # noqa: E402
+from cluster.registry import AdapterRegistry  # noqa: E402
+from cluster.storage import open_storage  # noqa: E402
+from llama.tiny import corpus_lines  # noqa: E402
+
+HERD = str(Path(sys.executable).parent / "herd")
+
+
+def _port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def prompts(n: int) -> list[str]:
+    lines = [line for line in corpus_lines(100_000) if len(line) > 40]
+    return [" ".join(line.split()[:8]) for line in lines[:n]]
+
+
+def hf_tokens_per_s(model_dir: Path, texts: list[str], max_tokens: int, threads: int) -> float:
+    from transformers import LlamaForCausalLM
+    from llama.tokenizer import Tokenizer
+    torch.set_num_threads(threads)
+    tok = Tokenizer(model_dir / "tokenizer.model")
+    hf = LlamaForCausalLM.from_pretrained(model_dir, dtype=torch.float32).eval()
+    ids = [torch.tensor([tok.encode(t, bos=True)]) for t in texts]
+    hf.generate(ids[0], max_new_tokens=4, do_sample=False)  # warm-up
+    total, t0 = 0, time.perf_counter()
+    for x in ids:
+        out = hf.generate(x, max_new_tokens=max_tokens, do_sample=False, eos_token_id=tok.eos_id,
+                          pad_token_id=0)
+        total += out.shape[1] - x.shape[1]
+    return total / (time.perf_counter() - t0)
+
+
+def herd_tokens_per_s(url: str, models: list[str], texts: list[str], clients: int, per_client: int,
+                      max_tokens: int) -> float:
+    import openai
+    client = openai.OpenAI(base_url=url + "/v1", api_key="none", max_retries=0, timeout=600)
+    counts = [0] * clients
+    errors: list[Exception] = []
+
+    def run(i: int) -> None:
+        for k in range(per_client):
+            try:
+                stream = client.completions.create(
+                    model=models[i % len(models)], prompt=texts[(i * per_client + k) % len(texts)],
+                    max_tokens=max_tokens, temperature=0, stream=True, stream_options={"include_usage": True})
+                for chunk in stream:
+                    if chunk.usage:
+                        counts[i] += chunk.usage.completion_tokens
+            except Exception as e:  # noqa: BLE001
+                errors.append(e)
+    threads = [threading.Thread(target=run, args=(i,)) for i in range(clients)]
+    t0 = time.perf_counter()
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    if errors:
+        raise RuntimeError(f"{len(errors)} requests failed, first: {errors[0]}")
+    return sum(counts) / (time.perf_counter() - t0)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser()
+    parser.add_argument("--preset", default="small")
+    parser.add_argument("--max-tokens", type=int, default=64)
+    parser.add_argument("--requests", type=int, default=4, help="requests per client")
+    parser.add_argument("--threads", type=int, default=2, help="torch threads for both")
+    parser.add_argument("--stream-interval", type=int, default=1, help="Herd's --stream-interval")
+    args = parser.parse_args()
+    env = {**os.environ, "HERD_DASHBOARD_PORT": str(_port()), "HERD_GCS_PORT": str(_port())}
+    os.environ.update(env)
+    with tempfile.TemporaryDirectory() as tmp:
+        url = str(Path(tmp) / "storage")
+        env["HERD_STORAGE"] = url
+        storage = open_storage(url)
+        create_tiny_model(storage, "bench", preset_name=args.preset)
+        cfg = load_config(storage, "bench")
+        reg = AdapterRegistry(storage)
+        for i in range(16):
+            reg.push(random_adapter(Path(tmp) / f"a{i}", cfg, r=8, alpha=16, targets=("q_proj", "v_proj"),
+                                    base="bench", seed=i), f"ad{i}")
+        texts = prompts(64)
+        model_dir = local_model_dir(storage, "bench")
+        hf = hf_tokens_per_s(model_dir, texts[:args.requests * 2], args.max_tokens, args.threads)
+        port = _port()
+        subprocess.run([HERD, "serve", "deploy", "--model", "bench", "--port", str(port), "--max-batch", "32",
+                        "--max-loras", "16", "--max-lora-rank", "8", "--threads", str(args.threads),
+                        "--stream-interval", str(args.stream_interval)],
+                       env=env, check=True)
+        endpoint = f"http://127.0.0.1:{port}"
+        try:
+            herd_tokens_per_s(endpoint, ["bench"], texts, 1, 1, 8)  # warm-up
+            rows = []
+            for clients in (1, 8, 32):
+                tps = herd_tokens_per_s(endpoint, ["bench"], texts, clients, args.requests, args.max_tokens)
+                rows.append((clients, tps))
+            mixed = herd_tokens_per_s(endpoint, [f"bench:ad{i}" for i in range(16)], texts, 32, args.requests,
+                                      args.max_tokens)
+        finally:
+            subprocess.run([HERD, "cluster", "down"], env=env, capture_output=True)
+    base32 = rows[-1][1]
+    print(f"\nmodel: preset {args.preset} ({cfg.num_parameters() / 1e6:.1f}M params), greedy, "
+          f"{args.max_tokens} new tokens, {args.threads} torch threads each, stream interval "
+          f"{args.stream_interval}, CPU")
+    print(f"{'setup':>36} | {'tokens/s':>9} | {'vs transformers':>15} | target")
+    print("-" * 80)
+    print(f"{'transformers generate, sequential':>36} | {hf:>9.1f} | {1.0:>15.2f} |")
+    for clients, tps in rows:
+        target = {1: ">= 2x (batch 1)", 32: ">= 8x"}.get(clients, "")
+        print(f"{f'Herd HTTP, {clients} concurrent client(s)':>36} | {tps:>9.1f} | {tps / hf:>15.2f} | {target}")
+    print(f"{'Herd, 32 clients over 16 adapters':>36} | {mixed:>9.1f} | {mixed / hf:>15.2f} | "
+          f">= 0.8x of base: {mixed / base32:.2f}x")
+
+
+if __name__ == "__main__":
+    main()
