@@ -53,14 +53,23 @@ def models_import(directory: Annotated[Path, typer.Argument(help="HF layout or M
 def models_create_tiny(name: Annotated[str, typer.Option("--name", help="model name")],
                        preset: Annotated[str, typer.Option(help="tiny, tiny-mha or small")] = "tiny",
                        seed: Annotated[int, typer.Option(help="weight init seed")] = 0,
+                       train_steps: Annotated[int, typer.Option("--train-steps", min=0,
+                                                                help="pre-train briefly on the shipped text")] = 0,
                        storage: StorageOpt = None, json_: JsonOpt = False) -> None:
-    """Write a small random Llama-shaped model (with a trained tokenizer) for demos and tests."""
+    """Write a small Llama-shaped model (with a trained tokenizer) for demos and tests."""
+    from rich.progress import Progress
+
     from cluster.models import create_tiny_model
     from cluster.storage import open_storage
 
     def body():
         st = open_storage(storage)
-        cfg = create_tiny_model(st, name, preset, seed)
+        with Progress(transient=True, disable=json_ or not train_steps) as bar:
+            task = bar.add_task("pre-training", total=train_steps or 1)
+
+            def progress(step: int, loss: float) -> None:
+                bar.update(task, completed=step, description=f"pre-training (loss {loss:.2f})")
+            cfg = create_tiny_model(st, name, preset, seed, train_steps=train_steps, progress=progress)
         emit({"name": name, "storage": st.url, "parameters": cfg.num_parameters()}, json_,
              f"created tiny model {name!r} ({cfg.num_parameters() / 1e6:.2f}M parameters) in {st.url}")
     run_guarded(body)

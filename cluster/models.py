@@ -101,12 +101,13 @@ def import_model(storage: Storage, source: str | Path, name: str, overwrite: boo
     return cfg
 
 
-def create_tiny_model(storage: Storage, name: str, preset_name: str = "tiny", seed: int = 0) -> LlamaConfig:
+def create_tiny_model(storage: Storage, name: str, preset_name: str = "tiny", seed: int = 0,
+                      train_steps: int = 0, progress=None) -> LlamaConfig:
     check_name(name, "model name")
     if model_exists(storage, name):
         raise FileExistsError(f"model {name!r} already exists in {storage.url}; pick another --name")
     with tempfile.TemporaryDirectory() as tmp:
-        create_tiny(tmp, preset_name, seed=seed)
+        create_tiny(tmp, preset_name, seed=seed, train_steps=train_steps, progress=progress)
         _publish_dir(storage, Path(tmp), name)
         return LlamaConfig.load(Path(tmp) / "config.json")
 

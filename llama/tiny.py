@@ -13,6 +13,7 @@ import io
 import os
 import shutil
 from pathlib import Path
+from typing import Callable
 
 import sentencepiece as spm
 import torch
@@ -64,15 +65,52 @@ def train_tokenizer(out_path: str | Path, vocab_size: int = 1000, corpus_chars: 
 
 
 def create_tiny(directory: str | Path, preset_name: str = "tiny", seed: int = 0,
-                cfg: LlamaConfig | None = None) -> Path:
-    """Write a random tiny model in HF layout (config.json, model.safetensors, tokenizer.model)."""
+                cfg: LlamaConfig | None = None, train_steps: int = 0,
+                progress: Callable[[int, float], None] | None = None) -> Path:
+    """Write a tiny model in HF layout (config.json, model.safetensors, tokenizer.model).
+
+    Random weights by default (tests); with `train_steps` it is first trained briefly as a
+    language model on the shipped text, so that its output reads like scripture (the demo).
+    """
     directory = Path(directory)
     cfg = cfg or preset(preset_name)
-    train_tokenizer(directory / "tokenizer.model", vocab_size=cfg.vocab_size)
+    tok_path = train_tokenizer(directory / "tokenizer.model", vocab_size=cfg.vocab_size)
     torch.manual_seed(seed)
     model = init_weights(Transformer(cfg), seed=seed)
+    if train_steps:
+        pretrain(model, tok_path, train_steps, seed=seed, progress=progress)
     save_model(model, directory)
     return directory
+
+
+def pretrain(model: Transformer, tokenizer_path: Path, steps: int, seq_len: int = 128, batch: int = 16,
+             lr: float = 3e-3, seed: int = 0, progress: Callable[[int, float], None] | None = None) -> list[float]:
+    """Next-token training on the shipped text (plain AdamW; minutes of CPU at most for tiny shapes)."""
+    import random
+
+    from llama.tokenizer import Tokenizer
+    tok = Tokenizer(tokenizer_path)
+    ids = torch.tensor(tok.encode(" ".join(corpus_lines(600_000))), dtype=torch.long)
+    rng = random.Random(seed)
+    opt = torch.optim.AdamW(model.parameters(), lr=lr, weight_decay=0.0)
+    sched = torch.optim.lr_scheduler.OneCycleLR(opt, max_lr=lr, total_steps=steps, pct_start=0.1)
+    losses = []
+    model.train()
+    for step in range(steps):
+        starts = [rng.randrange(0, len(ids) - seq_len - 1) for _ in range(batch)]
+        x = torch.stack([ids[s:s + seq_len] for s in starts])
+        y = torch.stack([ids[s + 1:s + seq_len + 1] for s in starts])
+        loss = torch.nn.functional.cross_entropy(model(x).reshape(-1, model.cfg.vocab_size), y.reshape(-1))
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+        opt.step()
+        sched.step()
+        opt.zero_grad(set_to_none=True)
+        losses.append(loss.item())
+        if progress:
+            progress(step + 1, losses[-1])
+    model.eval()
+    return losses
 
 
 def demo_dataset(n: int = 64, seed: int = 0) -> list[dict]:
