@@ -13,6 +13,8 @@ from typing import Any
 
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 
+from llama.json_file import read_json_object
+
 
 class ConfigError(ValueError):
     """A config file or preset that Herd cannot build a model from."""
@@ -129,15 +131,7 @@ class LlamaConfig(BaseModel):
 
     @classmethod
     def load(cls, path: str | Path) -> "LlamaConfig":
-        path = Path(path)
-        if not path.is_file():
-            raise ConfigError(f"{path}: config file not found")
-        try:
-            raw = json.loads(path.read_text())
-        except json.JSONDecodeError as e:
-            raise ConfigError(f"{path}: not valid JSON ({e})") from e
-        if not isinstance(raw, dict):
-            raise ConfigError(f"{path}: expected a JSON object")
+        raw = read_json_object(path, ConfigError, "config file")
         return cls.from_hf_dict(raw, source=str(path))
 
 

@@ -22,6 +22,7 @@ from safetensors.torch import load_file, save_file
 from torch import nn
 
 from llama.config import LlamaConfig
+from llama.json_file import read_json_object
 from llama.weights import LAYER_NAMES
 
 CONFIG_FILE = "adapter_config.json"
@@ -245,14 +246,7 @@ def save_adapter(directory: str | Path, spec: LoraSpec, state: dict[str, torch.T
 
 def read_adapter_config(directory: str | Path) -> LoraSpec:
     path = Path(directory) / CONFIG_FILE
-    if not path.is_file():
-        raise AdapterError(f"{path}: adapter config not found (a peft LoRA dir has {CONFIG_FILE})")
-    try:
-        raw = json.loads(path.read_text())
-    except json.JSONDecodeError as e:
-        raise AdapterError(f"{path}: not valid JSON ({e})") from e
-    if not isinstance(raw, dict):
-        raise AdapterError(f"{path}: expected a JSON object")
+    raw = read_json_object(path, AdapterError, f"adapter config (a peft LoRA dir has {CONFIG_FILE})")
     return LoraSpec.from_peft_json(raw, str(path))
 
 

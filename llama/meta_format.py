@@ -16,6 +16,7 @@ from pathlib import Path
 import torch
 
 from llama.config import ConfigError, LlamaConfig
+from llama.json_file import read_json_object
 from llama.weights import WeightsError, check_state_dict
 
 # Herd name suffix -> dimension Meta concatenates its MP shards along (None: replicated).
@@ -59,10 +60,7 @@ def is_meta_dir(directory: str | Path) -> bool:
 
 def _read_params(directory: Path) -> dict:
     path = directory / "params.json"
-    try:
-        params = json.loads(path.read_text())
-    except (OSError, json.JSONDecodeError) as e:
-        raise ConfigError(f"{path}: cannot read params.json ({e})") from e
+    params = read_json_object(path, ConfigError, "params.json")
     known = {"dim", "n_layers", "n_heads", "n_kv_heads", "vocab_size", "multiple_of",
              "ffn_dim_multiplier", "norm_eps", "rope_theta", "max_seq_len", "max_batch_size"}
     unknown = sorted(set(params) - known)

@@ -231,3 +231,14 @@ def test_autoscaling_up_under_load_and_back_down(client, served):
     while time.time() < deadline and replicas() > 1:
         time.sleep(2)
     assert replicas() == 1
+
+
+def test_scale_sets_replica_bounds(served):
+    out = herd_json("serve", "scale", "--min-replicas", "2", "--max-replicas", "3")
+    assert out["args"]["min_replicas"] == 2 and out["args"]["storage"] == served["storage"]
+    deadline = time.time() + 60
+    while time.time() < deadline and herd_json("serve", "status")["running_replicas"] < 2:
+        time.sleep(1)
+    assert herd_json("serve", "status")["running_replicas"] >= 2
+    r = herd("serve", "scale", "--min-replicas", "3", "--max-replicas", "2", expect=2)
+    assert "above --max-replicas" in r.output
