@@ -76,13 +76,12 @@ def serve_status(address: AddressOpt = None, json_: JsonOpt = False) -> None:
 @serve_app.command("scale")
 def serve_scale(min_replicas: Annotated[int, typer.Option("--min-replicas", min=0)],
                 max_replicas: Annotated[int, typer.Option("--max-replicas", min=1)],
-                address: AddressOpt = None, storage: StorageOpt = None, json_: JsonOpt = False) -> None:
+                address: AddressOpt = None, json_: JsonOpt = False) -> None:
     """Change the autoscaling bounds of the running endpoint."""
     from cluster import serve_control
-    from cluster.storage import open_storage
 
     def body():
-        result = serve_control.scale(open_storage(storage), address, min_replicas, max_replicas, say=_say)
+        result = serve_control.scale(address, min_replicas, max_replicas, say=_say)
         emit(result, json_, f"scaled: min {min_replicas}, max {max_replicas} replicas "
                             f"({result['running_replicas']} running)")
     run_guarded(body)

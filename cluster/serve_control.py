@@ -88,7 +88,9 @@ def app_status(address: str | None) -> dict | None:
             "endpoint": f"http://127.0.0.1:{http.get('port', 8000)}"}
 
 
-def scale(storage: Storage, address: str | None, min_replicas: int, max_replicas: int, say=print) -> dict:
+def scale(address: str | None, min_replicas: int, max_replicas: int, say=print) -> dict:
+    """Re-deploy the running application with new bounds (same model, same storage root)."""
+    from cluster.storage import open_storage
     current = app_status(address)
     if current is None:
         raise ServeError("no endpoint is deployed; run `herd serve deploy` first")
@@ -96,7 +98,7 @@ def scale(storage: Storage, address: str | None, min_replicas: int, max_replicas
         raise ValueError(f"--min-replicas {min_replicas} is above --max-replicas {max_replicas}")
     args = {**current["args"], "min_replicas": min_replicas, "max_replicas": max_replicas}
     port = int(current["endpoint"].rsplit(":", 1)[1])
-    return deploy(storage, args, address, port=port, say=say)
+    return deploy(open_storage(args["storage"]), args, address, port=port, say=say)
 
 
 def shutdown(address: str | None) -> bool:

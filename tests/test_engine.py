@@ -139,3 +139,24 @@ def test_seeded_sampling_is_per_request(tokenizer_path, adapters):
     outs += [_wait(q)[-1].token_ids for _, q in handles]
     assert all(o == outs[0] for o in outs)
     engine.shutdown()
+
+
+class NoEosRunner(LocalRunner):
+    """A runner that never lets EOS win, so a request keeps its slot as long as the test needs."""
+
+    def forward(self, *args, **kwargs):
+        logits = super().forward(*args, **kwargs)
+        logits[:, 2] = float("-inf")
+        return logits
+
+
+def test_overload_is_refused_not_queued_forever(tokenizer_path, adapters):
+    runner = NoEosRunner(make_model(CFG, seed=1), slots=1, max_loras=0, max_lora_rank=8)
+    engine = Engine(runner, Tokenizer(tokenizer_path), slots=1, max_waiting=1)
+    first, q1 = _collect(engine, [1, 5], SamplingParams(max_tokens=400))
+    q1.get(timeout=30)  # running in the only slot
+    _collect(engine, [1, 6], SamplingParams(max_tokens=4))  # waits
+    with pytest.raises(Engine.Overloaded, match="already waiting"):
+        engine.submit(Request([1, 7], SamplingParams(max_tokens=4), print))
+    engine.cancel(first)
+    engine.shutdown()
