@@ -18,7 +18,7 @@ from cluster.storage import Storage, StorageError
 
 APP_NAME = "herd"
 DEPLOYMENT = "HerdServer"
-_PASS_ENV = ("AWS_", "HERD_", "DS_ACCELERATOR")
+_PASS_ENV = ("AWS_", "HERD_", "DS_ACCELERATOR", "OMP_")
 
 
 class ServeError(StorageError):

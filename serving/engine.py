@@ -109,7 +109,8 @@ class AdapterSlots:
 class Engine:
     def __init__(self, runner: Runner, tokenizer: Tokenizer, slots: int, max_loras: int = 0,
                  adapter_loader: AdapterLoader | None = None, max_waiting: int = 256,
-                 max_prefills_per_step: int = 16, stream_interval: int = 1):
+                 max_prefills_per_step: int = 16, stream_interval: int = 1, speculate_tokens: int = 4,
+                 speculate_max_batch: int = 4):
         self.runner, self.tok = runner, tokenizer
         self.cfg = runner.cfg
         self.max_seq_len = runner.max_seq_len
@@ -119,6 +120,10 @@ class Engine:
         self.max_waiting = max_waiting
         self.max_prefills = max_prefills_per_step
         self.stream_interval = stream_interval  # send text every N tokens (vLLM's --stream-interval)
+        # Prompt-lookup speculation for greedy requests while the batch is small (memory-bound decode:
+        # checking k guessed tokens costs about one forward). 0 turns it off.
+        self.speculate_tokens = speculate_tokens
+        self.speculate_max_batch = speculate_max_batch
         self.waiting: collections.deque[Request] = collections.deque()
         self.running: list[Request] = []
         self._cv = threading.Condition()
@@ -225,15 +230,56 @@ class Engine:
         batch = [r for r in self.running if r not in admitted]
         if not batch:
             return
-        tokens = torch.tensor([[r.generated[-1]] for r in batch])
-        positions = torch.tensor([[len(r.prompt_ids) + len(r.generated) - 1] for r in batch])
+        drafts = [self._draft(r) for r in batch] if len(batch) <= self.speculate_max_batch else [[] for _ in batch]
+        starts = [len(r.prompt_ids) + len(r.generated) - 1 for r in batch]
+        width = 1 + max(len(d) for d in drafts)
+        width = max(1, min(width, min(self.max_seq_len - p for p in starts)))
+        tokens = torch.zeros(len(batch), width, dtype=torch.long)
+        for i, (r, d) in enumerate(zip(batch, drafts)):
+            row = [r.generated[-1]] + d[: width - 1]
+            tokens[i, : len(row)] = torch.tensor(row)
+        positions = torch.tensor(starts)[:, None] + torch.arange(width)[None]
         rows = torch.tensor([r.slot for r in batch])
         loras = torch.tensor([r.lora_slot for r in batch])
-        logits = self.runner.forward(tokens, positions, rows, loras)
         self.stats["decode_steps"] += 1
         self.stats["decode_rows"] += len(batch)
-        for req, token in zip(batch, self._sample(batch, logits)):
-            self._accept(req, token)
+        if width == 1:
+            logits = self.runner.forward(tokens, positions, rows, loras)
+            for req, token in zip(batch, self._sample(batch, logits)):
+                self._accept(req, token)
+            return
+        logits = self.runner.forward(tokens, positions, rows, loras, all_logits=True)
+        first = self._sample(batch, logits[:, 0])
+        for i, (req, draft) in enumerate(zip(batch, drafts)):
+            # Greedy verification: keep drafted tokens while they are what the model picks anyway,
+            # so the output is exactly what one-token-at-a-time decoding gives.
+            picks = logits[i].argmax(-1).tolist()
+            accepted = [first[i]]
+            for j, token in enumerate(draft[: width - 1]):
+                if token != accepted[-1]:
+                    break
+                accepted.append(picks[j + 1])
+            self.stats["draft_tokens"] += len(draft[: width - 1])
+            self.stats["draft_accepted"] += len(accepted) - 1
+            for token in accepted:
+                if req.done:
+                    break
+                self._accept(req, token)
+
+    def _draft(self, req: Request, n: int = 3) -> list[int]:
+        """Prompt-lookup drafting for greedy rows: if the last n tokens occurred before, propose what
+        followed them then. Costs no model; a wrong guess costs only a wider forward."""
+        if req.params.temperature != 0 or not self.speculate_tokens:
+            return []
+        history = req.prompt_ids + req.generated
+        for size in range(n, 0, -1):
+            if len(history) <= size:
+                continue
+            tail = history[-size:]
+            for start in range(len(history) - size - 1, -1, -1):
+                if history[start:start + size] == tail:
+                    return history[start + size:start + size + self.speculate_tokens]
+        return []
 
     def _sample(self, batch: list[Request], logits: torch.Tensor) -> list[int]:
         greedy = logits.argmax(dim=-1)

@@ -21,9 +21,10 @@ class Runner(Protocol):
     max_seq_len: int  # the KV cache's length: the context window the engine enforces
 
     def forward(self, tokens: torch.Tensor, positions: torch.Tensor, rows: torch.Tensor,
-                lora_slots: torch.Tensor, last_index: torch.Tensor | None = None) -> torch.Tensor:
+                lora_slots: torch.Tensor, last_index: torch.Tensor | None = None,
+                all_logits: bool = False) -> torch.Tensor:
         """tokens/positions [B, T], rows (cache slots) [B], lora_slots [B] -> logits [B, V] at each
-        row's `last_index` (default: the last column)."""
+        row's `last_index` (default: the last column), or [B, T, V] with `all_logits`."""
         ...
 
     def load_adapter(self, slot: int, spec: LoraSpec, state: dict[str, torch.Tensor]) -> None: ...
@@ -41,10 +42,12 @@ class LocalRunner:
         self.lora_layers = attach_multi_lora(model, max_loras, max_lora_rank) if max_loras > 0 else {}
 
     @torch.inference_mode()
-    def forward(self, tokens, positions, rows, lora_slots, last_index=None):
+    def forward(self, tokens, positions, rows, lora_slots, last_index=None, all_logits=False):
         if self.lora_layers:
             set_rows(self.lora_layers, lora_slots)
         self.cache.bind(rows, positions)
+        if all_logits:
+            return self.model(tokens, positions, self.cache)
         return self.model(tokens, positions, self.cache, last_only=True, last_index=last_index)[:, -1]
 
     def load_adapter(self, slot, spec, state):

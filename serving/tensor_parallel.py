@@ -58,12 +58,15 @@ class TPWorker:
         return sum(p.numel() for p in self.model.parameters())
 
     @torch.inference_mode()
-    def forward(self, tokens, positions, rows, lora_slots, last_index=None):
+    def forward(self, tokens, positions, rows, lora_slots, last_index=None, all_logits=False):
         from llama.multi_lora import set_rows
         if self.lora_layers:
             set_rows(self.lora_layers, lora_slots)
         self.cache.bind(rows, positions)
-        logits = self.model(tokens, positions, self.cache, last_only=True, last_index=last_index)[:, -1]
+        if all_logits:
+            logits = self.model(tokens, positions, self.cache)
+        else:
+            logits = self.model(tokens, positions, self.cache, last_only=True, last_index=last_index)[:, -1]
         return logits if self.rank == 0 else None
 
     def load_adapter(self, slot: int, spec: LoraSpec, state: dict) -> None:
@@ -106,8 +109,8 @@ class TPRunner:
         ray.get([w.join.remote(host, port) for w in workers])
         return cls(workers, cfg, max_seq_len), _tokenizer(storage, model)
 
-    def forward(self, tokens, positions, rows, lora_slots, last_index=None):
-        return ray.get([w.forward.remote(tokens, positions, rows, lora_slots, last_index)
+    def forward(self, tokens, positions, rows, lora_slots, last_index=None, all_logits=False):
+        return ray.get([w.forward.remote(tokens, positions, rows, lora_slots, last_index, all_logits)
                         for w in self.workers])[0]
 
     def load_adapter(self, slot, spec, state):

@@ -160,3 +160,21 @@ def test_overload_is_refused_not_queued_forever(tokenizer_path, adapters):
         engine.submit(Request([1, 7], SamplingParams(max_tokens=4), print))
     engine.cancel(first)
     engine.shutdown()
+
+
+def test_prompt_lookup_speculation_is_exact(tokenizer_path, adapters):
+    """Greedy rows verify drafted tokens; the output equals plain decoding, in fewer steps."""
+    prompt = [1] + [17, 33, 51, 17, 33, 51, 17, 33] * 3
+    outputs = {}
+    for k in (0, 4):
+        runner = LocalRunner(make_model(CFG, seed=1), slots=4, max_loras=3, max_lora_rank=8)
+        engine = Engine(runner, Tokenizer(tokenizer_path), slots=4, max_loras=3, speculate_tokens=k,
+                        adapter_loader=lambda key: adapters[key])
+        handles = [_collect(engine, prompt, SamplingParams(max_tokens=60), adapter=a) for a in (None, ("a1", "v1"))]
+        outputs[k] = ([_wait(q)[-1].token_ids for _, q in handles], dict(engine.stats))
+        engine.shutdown()
+    assert outputs[4][0] == outputs[0][0]
+    ref = generate(make_model(CFG, seed=1), prompt, SamplingParams(max_tokens=60), eos_id=2).token_ids
+    assert outputs[4][0][0] == ref
+    stats = outputs[4][1]
+    assert stats["draft_accepted"] > 0 and stats["decode_steps"] < outputs[0][1]["decode_steps"]
