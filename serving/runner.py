@@ -41,14 +41,22 @@ class LocalRunner:
         self.max_seq_len = self.cache.max_seq_len
         self.lora_layers = attach_multi_lora(model, max_loras, max_lora_rank) if max_loras > 0 else {}
 
-    @torch.inference_mode()
     def forward(self, tokens, positions, rows, lora_slots, last_index=None, all_logits=False):
-        if self.lora_layers:
-            set_rows(self.lora_layers, lora_slots)
-        self.cache.bind(rows, positions)
-        if all_logits:
-            return self.model(tokens, positions, self.cache)
-        return self.model(tokens, positions, self.cache, last_only=True, last_index=last_index)[:, -1]
+        return slot_forward(self.model, self.cache, self.lora_layers, tokens, positions, rows, lora_slots,
+                            last_index, all_logits)
 
     def load_adapter(self, slot, spec, state):
         load_into_slot(self.lora_layers, slot, spec, state)
+
+
+@torch.inference_mode()
+def slot_forward(model: Transformer, cache: SlotKVCache, lora_layers: dict, tokens: torch.Tensor,
+                 positions: torch.Tensor, rows: torch.Tensor, lora_slots: torch.Tensor,
+                 last_index: torch.Tensor | None = None, all_logits: bool = False) -> torch.Tensor:
+    """One engine forward on a (possibly sharded) model: pick each row's adapter and cache slot, run."""
+    if lora_layers:
+        set_rows(lora_layers, lora_slots)
+    cache.bind(rows, positions)
+    if all_logits:
+        return model(tokens, positions, cache)
+    return model(tokens, positions, cache, last_only=True, last_index=last_index)[:, -1]

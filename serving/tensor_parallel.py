@@ -57,16 +57,10 @@ class TPWorker:
     def shard_numel(self) -> int:
         return sum(p.numel() for p in self.model.parameters())
 
-    @torch.inference_mode()
     def forward(self, tokens, positions, rows, lora_slots, last_index=None, all_logits=False):
-        from llama.multi_lora import set_rows
-        if self.lora_layers:
-            set_rows(self.lora_layers, lora_slots)
-        self.cache.bind(rows, positions)
-        if all_logits:
-            logits = self.model(tokens, positions, self.cache)
-        else:
-            logits = self.model(tokens, positions, self.cache, last_only=True, last_index=last_index)[:, -1]
+        from serving.runner import slot_forward
+        logits = slot_forward(self.model, self.cache, self.lora_layers, tokens, positions, rows, lora_slots,
+                              last_index, all_logits)
         return logits if self.rank == 0 else None
 
     def load_adapter(self, slot: int, spec: LoraSpec, state: dict) -> None:
