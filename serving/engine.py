@@ -70,6 +70,7 @@ class Request:
     submitted: float = field(default_factory=time.monotonic)
     first_token_at: float | None = None
     done: bool = False
+    decoded: int = 0  # len(generated) when `text` was last decoded
 
 
 class AdapterSlots:
@@ -110,7 +111,7 @@ class Engine:
     def __init__(self, runner: Runner, tokenizer: Tokenizer, slots: int, max_loras: int = 0,
                  adapter_loader: AdapterLoader | None = None, max_waiting: int = 256,
                  max_prefills_per_step: int = 16, stream_interval: int = 1, speculate_tokens: int = 4,
-                 speculate_max_batch: int = 4):
+                 speculate_max_batch: int = 4, prefill_batch: int = 4, prefill_wait_s: float = 0.05):
         self.runner, self.tok = runner, tokenizer
         self.cfg = runner.cfg
         self.max_seq_len = runner.max_seq_len
@@ -119,6 +120,7 @@ class Engine:
         self.adapters = AdapterSlots(max_loras, adapter_loader, runner) if max_loras else None
         self.max_waiting = max_waiting
         self.max_prefills = max_prefills_per_step
+        self.prefill_batch, self.prefill_wait_s = prefill_batch, prefill_wait_s
         self.stream_interval = stream_interval  # send text every N tokens (vLLM's --stream-interval)
         # Prompt-lookup speculation for greedy requests while the batch is small (memory-bound decode:
         # checking k guessed tokens costs about one forward). 0 turns it off.
@@ -174,22 +176,33 @@ class Engine:
 
     def _loop(self) -> None:
         while True:
-            with self._cv:
-                while not self._stop and not self.waiting and not self.running:
-                    self._cv.wait()
-                if self._stop:
-                    return
-                admitted = self._admit()
+            admitted: list[Request] = []
             try:
+                with self._cv:
+                    while not self._stop and not self.waiting and not self.running:
+                        self._cv.wait()
+                    if self._stop:
+                        return
+                    admitted = self._admit()
+                if not admitted and self.waiting and not self.running:
+                    time.sleep(0.001)  # waiting only on LoRA slots held by finishing requests
                 self._step(admitted)
             except Exception as e:  # noqa: BLE001 - fail the requests, keep serving
                 for req in admitted + self.running:
                     self._finish(req, None, error=f"engine error: {type(e).__name__}: {e}")
 
     def _admit(self) -> list[Request]:
-        """Move waiting requests into free slots (called with the lock held)."""
+        """Move waiting requests into free slots (called with the lock held).
+
+        Decode is memory-bound, so a prefill pass costs about the same for one prompt as for
+        several: while others are decoding, a lone new request waits up to `prefill_wait_s` for
+        company before its prefill pass.
+        """
         admitted: list[Request] = []
         skipped: list[Request] = []
+        if (self.running and self.waiting and len(self.waiting) < self.prefill_batch
+                and time.monotonic() - self.waiting[0].submitted < self.prefill_wait_s):
+            return admitted
         while self.waiting and self.free_slots and len(admitted) < self.max_prefills:
             req = self.waiting.popleft()
             if req.cancelled:
@@ -303,19 +316,27 @@ class Engine:
             return
         req.generated.append(token)
         self.stats["completion_tokens"] += 1
-        req.text = self.tok.decode(req.generated)
+        last = len(req.generated) >= req.params.max_tokens or \
+            len(req.prompt_ids) + len(req.generated) >= self.max_seq_len
+        flush_now = len(req.generated) % self.stream_interval == 0
+        if req.stop_strings or flush_now or last:  # detokenize only when the text is needed
+            self._decode(req)
         stop_at = min((i for i in (req.text.find(s) for s in req.stop_strings) if i >= 0), default=-1)
         if stop_at >= 0:
             req.text = req.text[:stop_at]
             self._flush(req, token, hold=0)
             self._finish(req, "stop")
             return
-        if len(req.generated) % self.stream_interval == 0:
+        if flush_now:
             self._flush(req, token, hold=max((len(s) - 1 for s in req.stop_strings), default=0))
-        context_full = len(req.prompt_ids) + len(req.generated) >= self.max_seq_len
-        if len(req.generated) >= req.params.max_tokens or context_full:
+        if last:
             self._flush(req, token, hold=0)
             self._finish(req, "length")
+
+    def _decode(self, req: Request) -> None:
+        if req.decoded != len(req.generated):
+            req.text = self.tok.decode(req.generated)
+            req.decoded = len(req.generated)
 
     def _flush(self, req: Request, token: int, hold: int) -> None:
         """Send text not yet sent, keeping back what could still become a stop string (or half a character)."""
@@ -341,5 +362,8 @@ class Engine:
         if error is not None:
             req.emit(ErrorEvent(error))
             return
+        if reason != "stop" or not req.stop_strings:
+            self._decode(req)  # (a stop-string finish already cut the text)
+        self._flush(req, req.generated[-1] if req.generated else -1, hold=0)
         self.stats[f"finished_{reason}"] += 1
         req.emit(FinishEvent(reason, len(req.prompt_ids), len(req.generated), list(req.generated), req.text))
