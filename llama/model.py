@@ -85,14 +85,19 @@ class SlotKVCache:
         self.v = torch.zeros(shape, dtype=dtype, device=device)
         self._rows: torch.Tensor | None = None
         self._positions: torch.Tensor | None = None
+        self._mask: torch.Tensor | None = None
         self._span = 0
 
     def bind(self, rows: torch.Tensor, positions: torch.Tensor) -> None:
         """rows: [B] slot indices; positions: [B, T] absolute positions of this step's tokens."""
-        if int(positions.max()) >= self.max_seq_len:
-            raise ValueError(f"position {int(positions.max())} is beyond the cache ({self.max_seq_len})")
+        last = int(positions.max())
+        if last >= self.max_seq_len:
+            raise ValueError(f"position {last} is beyond the cache ({self.max_seq_len})")
         self._rows, self._positions = rows, positions
-        self._span = int(positions.max()) + 1
+        self._span = last + 1
+        # The same for every layer of this forward, so built once here.
+        keys = torch.arange(self._span, device=positions.device)
+        self._mask = (keys[None, None, :] <= positions[:, :, None])[:, None]
 
     def update(self, layer: int, k: torch.Tensor, v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         rows, pos = self._rows, self._positions
@@ -105,9 +110,8 @@ class SlotKVCache:
         return self.k[layer][rows, :, : self._span], self.v[layer][rows, :, : self._span]
 
     def attention_mask(self) -> torch.Tensor:
-        assert self._positions is not None
-        keys = torch.arange(self._span, device=self._positions.device)
-        return (keys[None, None, :] <= self._positions[:, :, None])[:, None]
+        assert self._mask is not None, "bind() the cache before a forward"
+        return self._mask
 
 
 class Attention(nn.Module):
