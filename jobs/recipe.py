@@ -230,12 +230,14 @@ def train(spec: JobSpec, job_id: str, storage_url: str, hooks: Hooks) -> TrainRe
 
     pending: list[dict] = []
     t_last, tokens_since = time.time(), 0
+    mine_epoch, mine = -1, []
     for step in range(start_step, total_steps):
         if spec.fail_at_step is not None and step == spec.fail_at_step and start_step == 0 and rank == 0:
             print(f"[herd] injected failure at step {step}", flush=True)
             os._exit(1)
         epoch, i = divmod(step, steps_per_epoch)
-        mine = epoch_batches(lengths, spec.batch_size, spec.seed, epoch)[rank::world]
+        if epoch != mine_epoch:  # this rank's batches, shuffled once per epoch
+            mine_epoch, mine = epoch, epoch_batches(lengths, spec.batch_size, spec.seed, epoch)[rank::world]
         step_loss = 0.0
         engine.train()
         for micro in mine[i * spec.grad_accum:(i + 1) * spec.grad_accum]:
