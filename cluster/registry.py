@@ -58,9 +58,6 @@ class AdapterRegistry:
         check_name(name, "adapter name")
         return f"{ADAPTERS}/{name}" + (f"/{check_version(version)}" if version else "")
 
-    def names(self) -> list[str]:
-        return [n for n in self.storage.list_children(ADAPTERS) if self.versions(n)]
-
     def _meta(self, name: str, version: str) -> dict | None:
         """herd.json of a complete version (files present with the recorded sizes), else None."""
         prefix = self._prefix(name, version)
@@ -111,8 +108,10 @@ class AdapterRegistry:
 
     def list(self) -> list[dict]:
         rows = []
-        for name in self.names():
+        for name in self.storage.list_children(ADAPTERS):
             versions = self.versions(name)
+            if not versions:
+                continue  # nothing published (yet): not an adapter for any reader
             current = self.current(name)
             meta = self._meta(name, current) if current else None
             meta = meta or self._meta(name, versions[-1])
