@@ -8,14 +8,13 @@ job record, and hands the run to Ray's Job Submission API as `python -m jobs.run
 from __future__ import annotations
 
 import json
-import os
 import sys
 import time
 from pathlib import Path
 
 from cluster.job_store import JobSpec, JobStore, new_job_id
 from cluster.models import model_exists
-from cluster.ray_cluster import ensure_cluster, job_api_url, resolve_address
+from cluster.ray_cluster import ensure_cluster, forwarded_env, job_api_url, resolve_address
 from cluster.registry import AdapterRegistry
 from cluster.storage import Storage
 from llama.sft_data import file_sha256, read_dataset
@@ -51,7 +50,7 @@ def check_submission(storage: Storage, spec: JobSpec, data: Path) -> str:
 
 
 def _env() -> dict[str, str]:
-    env = {k: v for k, v in os.environ.items() if k.startswith(_PASS_ENV)}
+    env = forwarded_env(_PASS_ENV)
     env.setdefault("DS_ACCELERATOR", "cpu")
     return env
 

@@ -31,6 +31,12 @@ def _dashboard_port() -> int:
     return int(os.environ.get("HERD_DASHBOARD_PORT", "8265"))
 
 
+def forwarded_env(prefixes: tuple[str, ...]) -> dict[str, str]:
+    """This process's variables that start with `prefixes`: what a job or replica on the cluster
+    needs to reach the same storage (S3 endpoint and credentials, HERD_*) and DeepSpeed's caches."""
+    return {k: v for k, v in os.environ.items() if k.startswith(prefixes)}
+
+
 def local_dashboard_url() -> str:
     return f"http://127.0.0.1:{_dashboard_port()}"
 

@@ -13,7 +13,7 @@ import time
 import urllib.request
 
 from cluster.models import model_exists
-from cluster.ray_cluster import ensure_cluster, job_api_url
+from cluster.ray_cluster import ensure_cluster, forwarded_env, job_api_url
 from cluster.storage import Storage, StorageError
 
 APP_NAME = "herd"
@@ -50,7 +50,7 @@ def deploy(storage: Storage, args: dict, address: str | None, port: int = 8000, 
             raise ValueError(f"--tp {args['tp']} must divide the model's {cfg.n_heads} heads and "
                              f"{cfg.n_kv_heads} key/value heads")
     url = ensure_cluster(address, say)
-    env = {k: v for k, v in os.environ.items() if k.startswith(_PASS_ENV)}
+    env = forwarded_env(_PASS_ENV)
     env.setdefault("DS_ACCELERATOR", "cpu")
     config = {
         "proxy_location": "HeadOnly",
