@@ -1,6 +1,6 @@
 """Serving benchmark: Herd's endpoint against transformers' `generate` on the same weights.
 
-    python bench/serve.py [--preset small] [--max-tokens 64] [--requests 4]
+    python bench/serve.py [--preset small] [--max-tokens 64] [--requests 4] [--dtypes float32,bfloat16]
 
 Starts its own local Ray cluster, creates a model of the preset shape (random weights, the
 same file for both), pushes 16 LoRA adapters, deploys Herd (TP=1, one replica) and measures
@@ -9,6 +9,8 @@ over HTTP with real streaming clients:
   - aggregate tokens/s with 1/8/32 concurrent clients vs transformers generate run
     sequentially (one request after another);
   - 32 clients spread over 16 different adapters vs 32 clients on the base model.
+Each of `--dtypes` is measured on both sides (transformers loads the weights in that dtype; Herd
+deploys with `--dtype`), and every Herd figure is compared to transformers in the same dtype.
 Greedy decoding everywhere; tokens counted from the API's usage.
 """
 
@@ -51,12 +53,12 @@ def prompts(n: int) -> list[str]:
     return [" ".join(line.split()[:8]) for line in lines[:n]]
 
 
-def hf_tokens_per_s(model_dir: Path, texts: list[str], max_tokens: int, threads: int) -> float:
+def hf_tokens_per_s(model_dir: Path, texts: list[str], max_tokens: int, threads: int, dtype: str) -> float:
     from transformers import LlamaForCausalLM
     from llama.tokenizer import Tokenizer
     torch.set_num_threads(threads)
     tok = Tokenizer(model_dir / "tokenizer.model")
-    hf = LlamaForCausalLM.from_pretrained(model_dir, dtype=torch.float32).eval()
+    hf = LlamaForCausalLM.from_pretrained(model_dir, dtype=getattr(torch, dtype)).eval()
     ids = [torch.tensor([tok.encode(t, bos=True)]) for t in texts]
     hf.generate(ids[0], max_new_tokens=4, do_sample=False)  # warm-up
     total, t0 = 0, time.perf_counter()
@@ -96,6 +98,26 @@ def herd_tokens_per_s(url: str, models: list[str], texts: list[str], clients: in
     return sum(counts) / (time.perf_counter() - t0)
 
 
+def measure_herd(env: dict, args, dtype: str, texts: list[str]) -> tuple[list[tuple[int, float]], float]:
+    """Deploy Herd in `dtype`, measure 1/8/32 clients on the base and 32 over 16 adapters, shut down."""
+    port = _port()
+    subprocess.run([HERD, "serve", "deploy", "--model", "bench", "--port", str(port), "--max-batch", "32",
+                    "--max-loras", "16", "--max-lora-rank", "8", "--threads", str(args.threads),
+                    "--stream-interval", str(args.stream_interval), "--stream-interval-ms",
+                    str(args.stream_interval_ms), "--dtype", dtype],
+                   env=env, check=True)
+    endpoint = f"http://127.0.0.1:{port}"
+    try:
+        herd_tokens_per_s(endpoint, ["bench"], texts, 1, 1, 8)  # warm-up
+        rows = [(clients, herd_tokens_per_s(endpoint, ["bench"], texts, clients, args.requests, args.max_tokens))
+                for clients in (1, 8, 32)]
+        mixed = herd_tokens_per_s(endpoint, [f"bench:ad{i}" for i in range(16)], texts, 32, args.requests,
+                                  args.max_tokens)
+    finally:
+        subprocess.run([HERD, "serve", "shutdown"], env=env, capture_output=True)
+    return rows, mixed
+
+
 def main() -> None:
     parser = argparse.ArgumentParser()
     parser.add_argument("--preset", default="small")
@@ -103,9 +125,14 @@ def main() -> None:
     parser.add_argument("--requests", type=int, default=4, help="requests per client")
     parser.add_argument("--threads", type=int, default=2, help="torch threads for both")
     parser.add_argument("--stream-interval", type=int, default=1, help="Herd's --stream-interval")
+    parser.add_argument("--stream-interval-ms", type=float, default=0.0, help="Herd's --stream-interval-ms")
+    parser.add_argument("--dtypes", default="float32,bfloat16",
+                        help="comma-separated; each is measured for both Herd and transformers")
     args = parser.parse_args()
+    dtypes = args.dtypes.split(",")
     env = {**os.environ, "HERD_DASHBOARD_PORT": str(_port()), "HERD_GCS_PORT": str(_port())}
     os.environ.update(env)
+    results = {}
     with tempfile.TemporaryDirectory() as tmp:
         url = str(Path(tmp) / "storage")
         env["HERD_STORAGE"] = url
@@ -118,35 +145,24 @@ def main() -> None:
                                     base="bench", seed=i), f"ad{i}")
         texts = prompts(64)
         model_dir = local_model_dir(storage, "bench")
-        hf = hf_tokens_per_s(model_dir, texts[:args.requests * 2], args.max_tokens, args.threads)
-        port = _port()
-        subprocess.run([HERD, "serve", "deploy", "--model", "bench", "--port", str(port), "--max-batch", "32",
-                        "--max-loras", "16", "--max-lora-rank", "8", "--threads", str(args.threads),
-                        "--stream-interval", str(args.stream_interval)],
-                       env=env, check=True)
-        endpoint = f"http://127.0.0.1:{port}"
         try:
-            herd_tokens_per_s(endpoint, ["bench"], texts, 1, 1, 8)  # warm-up
-            rows = []
-            for clients in (1, 8, 32):
-                tps = herd_tokens_per_s(endpoint, ["bench"], texts, clients, args.requests, args.max_tokens)
-                rows.append((clients, tps))
-            mixed = herd_tokens_per_s(endpoint, [f"bench:ad{i}" for i in range(16)], texts, 32, args.requests,
-                                      args.max_tokens)
+            for dtype in dtypes:
+                hf = hf_tokens_per_s(model_dir, texts[:args.requests * 2], args.max_tokens, args.threads, dtype)
+                results[dtype] = (hf, *measure_herd(env, args, dtype, texts))
         finally:
             subprocess.run([HERD, "cluster", "down"], env=env, capture_output=True)
-    base32 = rows[-1][1]
     print(f"\nmodel: preset {args.preset} ({cfg.num_parameters() / 1e6:.1f}M params), greedy, "
           f"{args.max_tokens} new tokens, {args.threads} torch threads each, stream interval "
-          f"{args.stream_interval}, CPU")
-    print(f"{'setup':>36} | {'tokens/s':>9} | {'vs transformers':>15} | target")
-    print("-" * 80)
-    print(f"{'transformers generate, sequential':>36} | {hf:>9.1f} | {1.0:>15.2f} |")
-    for clients, tps in rows:
-        target = {1: ">= 2x (batch 1)", 32: ">= 8x"}.get(clients, "")
-        print(f"{f'Herd HTTP, {clients} concurrent client(s)':>36} | {tps:>9.1f} | {tps / hf:>15.2f} | {target}")
-    print(f"{'Herd, 32 clients over 16 adapters':>36} | {mixed:>9.1f} | {mixed / hf:>15.2f} | "
-          f">= 0.8x of base: {mixed / base32:.2f}x")
+          f"{args.stream_interval} token(s) / {args.stream_interval_ms:g} ms, CPU; each Herd row against transformers in the same dtype")
+    print(f"{'setup':>44} | {'tokens/s':>9} | {'vs transformers':>15} | target")
+    print("-" * 90)
+    for dtype, (hf, rows, mixed) in results.items():
+        print(f"{f'transformers generate, sequential, {dtype}':>44} | {hf:>9.1f} | {1.0:>15.2f} |")
+        for clients, tps in rows:
+            target = {1: ">= 2x (batch 1)", 32: ">= 8x"}.get(clients, "")
+            print(f"{f'Herd {dtype}, {clients} concurrent client(s)':>44} | {tps:>9.1f} | {tps / hf:>15.2f} | {target}")
+        print(f"{f'Herd {dtype}, 32 clients over 16 adapters':>44} | {mixed:>9.1f} | {mixed / hf:>15.2f} | "
+              f">= 0.8x of base: {mixed / rows[-1][1]:.2f}x")
 
 
 if __name__ == "__main__":

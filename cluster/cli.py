@@ -6,6 +6,7 @@ arguments, names or data files). Command groups live in `cluster/commands_*.py`.
 
 from __future__ import annotations
 
+import enum
 import json
 import os
 import sys
@@ -21,6 +22,17 @@ StorageOpt = Annotated[str | None, typer.Option("--storage", envvar="HERD_STORAG
                                                 help="storage root: a folder or s3://bucket/prefix "
                                                      "(default ./.herd/storage)")]
 JsonOpt = Annotated[bool, typer.Option("--json", help="machine-readable output")]
+
+
+class Dtype(str, enum.Enum):
+    auto = "auto"
+    float32 = "float32"
+    bfloat16 = "bfloat16"
+    float16 = "float16"
+
+
+DtypeOpt = Annotated[Dtype, typer.Option(
+    "--dtype", help="weights/activations dtype; auto = the checkpoint's (float16 becomes bfloat16 on a CPU)")]
 
 
 class UsageProblem(Exception):

@@ -8,7 +8,7 @@ from typing import Annotated
 import typer
 from rich.table import Table
 
-from cluster.cli import JsonOpt, StorageOpt, emit, out_console, run_guarded
+from cluster.cli import Dtype, DtypeOpt, JsonOpt, StorageOpt, emit, out_console, run_guarded
 
 models_app = typer.Typer(help="Base models in the storage root.", no_args_is_help=True)
 
@@ -82,13 +82,14 @@ def generate(prompt: Annotated[str, typer.Argument(help="text to continue")],
              temperature: Annotated[float, typer.Option("--temperature", min=0.0)] = 0.0,
              top_p: Annotated[float, typer.Option("--top-p", min=0.0, max=1.0)] = 1.0,
              seed: Annotated[int | None, typer.Option("--seed")] = None,
+             dtype: DtypeOpt = Dtype.auto,
              storage: StorageOpt = None, json_: JsonOpt = False) -> None:
     """Generate text locally (no Ray): BOS + prompt, like Meta's text_completion."""
     from cluster.local_inference import generate_text
 
     def body():
         result = generate_text(storage, model, prompt, adapter=adapter, max_tokens=max_tokens,
-                               temperature=temperature, top_p=top_p, seed=seed)
+                               temperature=temperature, top_p=top_p, seed=seed, dtype=dtype.value)
         emit(result, json_, result["text"])
     run_guarded(body)
 

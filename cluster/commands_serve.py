@@ -8,7 +8,7 @@ from typing import Annotated
 
 import typer
 
-from cluster.cli import JsonOpt, StorageOpt, UsageProblem, emit, out_console, run_guarded
+from cluster.cli import Dtype, DtypeOpt, JsonOpt, StorageOpt, UsageProblem, emit, out_console, run_guarded
 from cluster.commands_finetune import AddressOpt, _say
 
 serve_app = typer.Typer(help="The OpenAI-compatible endpoint on Ray Serve.", no_args_is_help=True)
@@ -36,6 +36,9 @@ def serve_deploy(
     threads: Annotated[int, typer.Option("--threads", min=1, help="torch threads per replica")] = 1,
     stream_interval: Annotated[int, typer.Option("--stream-interval", min=1,
                                                  help="stream text every N tokens (fewer, larger SSE chunks)")] = 1,
+    stream_interval_ms: Annotated[float, typer.Option("--stream-interval-ms", min=0.0,
+                                                      help="and at most one chunk per request every T ms")] = 0.0,
+    dtype: DtypeOpt = Dtype.auto,
     address: AddressOpt = None, storage: StorageOpt = None, json_: JsonOpt = False,
 ) -> None:
     """Deploy the endpoint; returns once it answers /health."""
@@ -51,7 +54,8 @@ def serve_deploy(
                 "upscale_delay_s": upscale_delay_s, "downscale_delay_s": downscale_delay_s,
                 "look_back_period_s": look_back_period_s, "metrics_interval_s": metrics_interval_s,
                 "replica_cpus": replica_cpus, "worker_cpus": worker_cpus, "threads": threads,
-                "stream_interval": stream_interval}
+                "stream_interval": stream_interval, "stream_interval_ms": stream_interval_ms,
+                "dtype": dtype.value}
         result = serve_control.deploy(open_storage(storage), args, address, port=port, say=_say)
         emit(result, json_, f"endpoint ready: {result['endpoint']}/v1 serving {model!r} "
                             f"({result['running_replicas']} replica(s), TP={tp})")

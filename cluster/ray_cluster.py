@@ -75,7 +75,11 @@ def start_local(num_cpus: int | None = None) -> tuple[str, bool]:
     cmd = [_ray_bin(), "start", "--head", f"--port={gcs_port}", f"--num-cpus={num_cpus}",
            "--include-dashboard=true", "--dashboard-host=127.0.0.1", f"--dashboard-port={_dashboard_port()}",
            "--disable-usage-stats"]
-    env = {**os.environ, "RAY_USAGE_STATS_ENABLED": "0"}
+    # Ray starts its workers at niceness 15. On a local head the clients (herd chat, tests, a
+    # benchmark) share the machine with the Serve replicas and proxy, and at nice 0 they would
+    # starve the server they talk to; a dedicated cluster sets this in its own manifests.
+    env = {**os.environ, "RAY_USAGE_STATS_ENABLED": "0",
+           "RAY_worker_niceness": os.environ.get("RAY_worker_niceness", "0")}
     proc = subprocess.run(cmd, capture_output=True, text=True, env=env)
     if proc.returncode != 0:
         raise ClusterError(f"`ray start --head` failed:\n{proc.stdout[-1500:]}{proc.stderr[-1500:]}")

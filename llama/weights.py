@@ -187,7 +187,30 @@ def load_model(directory: str | Path, dtype: torch.dtype = torch.float32,
     return model.to(device=device, dtype=dtype).eval()
 
 
+DTYPE_NAMES: dict[str, torch.dtype] = {"float32": torch.float32, "bfloat16": torch.bfloat16,
+                                       "float16": torch.float16}
+
+
+def inference_dtype(choice: str, directory: str | Path, device: torch.device | str = "cpu") -> torch.dtype:
+    """The dtype to run a stored model in, for a `--dtype` choice.
+
+    'auto' keeps the checkpoint's own dtype (config.json's torch_dtype/dtype, float32 if absent), as
+    transformers and vLLM do, except that float16 on a CPU becomes bfloat16 (CPUs have fast bf16
+    kernels and slow fp16 ones; vLLM's CPU backend makes the same swap).
+    """
+    if choice != "auto":
+        if choice not in DTYPE_NAMES:
+            raise ValueError(f"unknown dtype {choice!r}; choose auto, {', '.join(DTYPE_NAMES)}")
+        return DTYPE_NAMES[choice]
+    raw = json.loads((Path(directory) / "config.json").read_text())
+    stored = raw.get("torch_dtype") or raw.get("dtype") or "float32"
+    dtype = DTYPE_NAMES.get(stored, torch.float32)
+    if dtype == torch.float16 and torch.device(device).type == "cpu":
+        return torch.bfloat16
+    return dtype
+
+
 __all__ = [
-    "ConfigError", "WeightsError", "save_model", "load_model", "save_safetensors", "load_safetensors",
+    "ConfigError", "WeightsError", "save_model", "load_model", "inference_dtype", "DTYPE_NAMES", "save_safetensors", "load_safetensors",
     "state_dict_to_hf", "state_dict_from_hf", "check_state_dict", "herd_to_hf_name", "hf_to_herd_name",
 ]

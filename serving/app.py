@@ -41,10 +41,12 @@ def _load_runner(cfg: dict):
         from serving.tensor_parallel import TPRunner
         return TPRunner.create(storage, cfg["model"], cfg["tp"], slots=cfg["max_batch"], max_loras=cfg["max_loras"],
                                max_lora_rank=cfg["max_lora_rank"], max_seq_len=cfg.get("max_seq_len"),
-                               worker_cpus=cfg["worker_cpus"])
-    from cluster.models import load_base
+                               worker_cpus=cfg["worker_cpus"], dtype=cfg.get("dtype", "auto"))
+    from cluster.models import load_base, local_model_dir
+    from llama.weights import inference_dtype
     from serving.runner import LocalRunner
-    model, tok = load_base(storage, cfg["model"])
+    dtype = inference_dtype(cfg.get("dtype", "auto"), local_model_dir(storage, cfg["model"]))
+    model, tok = load_base(storage, cfg["model"], dtype=dtype)
     runner = LocalRunner(model, slots=cfg["max_batch"], max_loras=cfg["max_loras"],
                          max_lora_rank=cfg["max_lora_rank"], max_seq_len=cfg.get("max_seq_len"))
     return runner, tok
@@ -55,7 +57,9 @@ def _load_runner(cfg: dict):
 class HerdServer:
     def __init__(self, config: dict):
         import torch
-        torch.set_num_threads(max(1, int(config.get("threads", 1))))
+        # Load single-threaded: torch work on this thread would start an OpenMP pool that idles
+        # beside the engine thread's own and slows every decode step (serving/engine.py `_loop`).
+        torch.set_num_threads(1)
         self.config = config
         self.api_key = config.get("api_key") or os.environ.get("HERD_API_KEY") or None
         self.max_body = int(config.get("max_body_bytes", 1 << 20))
@@ -64,7 +68,9 @@ class HerdServer:
         self.runner, self.tok = _load_runner(config)
         self.engine = Engine(self.runner, self.tok, slots=config["max_batch"], max_loras=config["max_loras"],
                              adapter_loader=self.view.load, max_waiting=config.get("max_waiting", 256),
-                             stream_interval=config.get("stream_interval", 1))
+                             stream_interval=config.get("stream_interval", 1),
+                             stream_interval_ms=config.get("stream_interval_ms", 0.0),
+                             threads=max(1, int(config.get("threads", 1))))
         self.metrics = ServerMetrics()
         self.context = self.engine.max_seq_len
 
@@ -288,5 +294,7 @@ def build_app(args: dict):
         "max_body_bytes": int(args.get("max_body_bytes", 1 << 20)), "threads": int(args.get("threads", 1)),
         "adapter_ttl_s": float(args.get("adapter_ttl_s", 1.0)), "max_seq_len": args.get("max_seq_len"),
         "worker_cpus": float(args.get("worker_cpus", 1.0)), "stream_interval": int(args.get("stream_interval", 1)),
+        "stream_interval_ms": float(args.get("stream_interval_ms", 0.0)),
+        "dtype": str(args.get("dtype", "auto")),
     }
     return HerdServer.options(**deployment_options(args)).bind(config)

@@ -71,6 +71,8 @@ class Request:
     first_token_at: float | None = None
     done: bool = False
     decoded: int = 0  # len(generated) when `text` was last decoded
+    unflushed: int = 0  # tokens accepted since text was last sent
+    flushed_at: float = 0.0  # monotonic time text was last sent
 
 
 class AdapterSlots:
@@ -111,8 +113,10 @@ class Engine:
     def __init__(self, runner: Runner, tokenizer: Tokenizer, slots: int, max_loras: int = 0,
                  adapter_loader: AdapterLoader | None = None, max_waiting: int = 256,
                  max_prefills_per_step: int = 16, stream_interval: int = 1, speculate_tokens: int = 4,
-                 speculate_max_batch: int = 4, prefill_batch: int = 4, prefill_wait_s: float = 0.05):
+                 speculate_max_batch: int = 4, prefill_batch: int = 4, prefill_wait_s: float = 0.05,
+                 threads: int | None = None, stream_interval_ms: float = 0.0):
         self.runner, self.tok = runner, tokenizer
+        self.threads = threads
         self.cfg = runner.cfg
         self.max_seq_len = runner.max_seq_len
         self.slots = slots
@@ -122,6 +126,9 @@ class Engine:
         self.max_prefills = max_prefills_per_step
         self.prefill_batch, self.prefill_wait_s = prefill_batch, prefill_wait_s
         self.stream_interval = stream_interval  # send text every N tokens (vLLM's --stream-interval)
+        # ... and at most every this many ms per request: each chunk costs the HTTP stack far more
+        # than a token costs the model, and a reader sees no difference below ~50 ms.
+        self.stream_interval_s = stream_interval_ms / 1000
         # Prompt-lookup speculation for greedy requests while the batch is small (memory-bound decode:
         # checking k guessed tokens costs about one forward). 0 turns it off.
         self.speculate_tokens = speculate_tokens
@@ -175,6 +182,12 @@ class Engine:
     # ---- the loop (engine thread) -------------------------------------------------------------
 
     def _loop(self) -> None:
+        if self.threads:
+            # The model runs on this thread, so this is the OpenMP team to size. The thread that built
+            # the engine should have run torch single-threaded: a second, idle OpenMP pool in the
+            # process makes libgomp throttle its spin-waits (more threads than cores), which made
+            # every decode step here about 1.7x slower (bench/serve.py, 2 cores).
+            torch.set_num_threads(self.threads)
         while True:
             admitted: list[Request] = []
             try:
@@ -245,7 +258,9 @@ class Engine:
             return
         drafts = [self._draft(r) for r in batch] if len(batch) <= self.speculate_max_batch else [[] for _ in batch]
         starts = [len(r.prompt_ids) + len(r.generated) - 1 for r in batch]
-        width = 1 + max(len(d) for d in drafts)
+        # A speculative forward is always full width: on CPU a 2-4 token forward costs more than a
+        # 5-8 token one (small-M GEMM kernels), and the padding is never accepted.
+        width = 1 + (self.speculate_tokens if any(drafts) else 0)
         width = max(1, min(width, min(self.max_seq_len - p for p in starts)))
         tokens = torch.zeros(len(batch), width, dtype=torch.long)
         for i, (r, d) in enumerate(zip(batch, drafts)):
@@ -274,10 +289,11 @@ class Engine:
                 accepted.append(picks[j + 1])
             self.stats["draft_tokens"] += len(draft[: width - 1])
             self.stats["draft_accepted"] += len(accepted) - 1
-            for token in accepted:
+            for j, token in enumerate(accepted):
                 if req.done:
                     break
-                self._accept(req, token)
+                # tokens verified in one step reach the client as one chunk
+                self._accept(req, token, end_of_step=j == len(accepted) - 1)
 
     def _draft(self, req: Request, n: int = 3) -> list[int]:
         """Prompt-lookup drafting for greedy rows: if the last n tokens occurred before, propose what
@@ -305,7 +321,7 @@ class Engine:
                 out.append(int(sample_next(logits[i:i + 1], p.temperature, p.top_p, p.top_k, req.generator)[0]))
         return out
 
-    def _accept(self, req: Request, token: int) -> None:
+    def _accept(self, req: Request, token: int, end_of_step: bool = True) -> None:
         """Append a sampled token, stream the new text, finish on EOS/stop/length."""
         if req.first_token_at is None:
             req.first_token_at = time.monotonic()
@@ -315,10 +331,12 @@ class Engine:
             self._finish(req, "stop")
             return
         req.generated.append(token)
+        req.unflushed += 1
         self.stats["completion_tokens"] += 1
         last = len(req.generated) >= req.params.max_tokens or \
             len(req.prompt_ids) + len(req.generated) >= self.max_seq_len
-        flush_now = len(req.generated) % self.stream_interval == 0
+        flush_now = (end_of_step and req.unflushed >= self.stream_interval
+                     and time.monotonic() - req.flushed_at >= self.stream_interval_s)
         if req.stop_strings or flush_now or last:  # detokenize only when the text is needed
             self._decode(req)
         stop_at = min((i for i in (req.text.find(s) for s in req.stop_strings) if i >= 0), default=-1)
@@ -343,6 +361,8 @@ class Engine:
         end = len(req.text) - hold
         while end > req.sent and req.text[end - 1] == "\ufffd" and hold:
             end -= 1
+        req.unflushed = 0
+        req.flushed_at = time.monotonic()
         if end > req.sent:
             req.emit(TokenEvent(req.text[req.sent:end], token))
             req.sent = end

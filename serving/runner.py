@@ -14,6 +14,7 @@ from llama.config import LlamaConfig
 from llama.lora import LoraSpec
 from llama.model import SlotKVCache, Transformer
 from llama.multi_lora import attach_multi_lora, load_into_slot, set_rows
+from llama.packed_linear import pack_linears
 
 
 class Runner(Protocol):
@@ -40,6 +41,7 @@ class LocalRunner:
                                  device=param.device)
         self.max_seq_len = self.cache.max_seq_len
         self.lora_layers = attach_multi_lora(model, max_loras, max_lora_rank) if max_loras > 0 else {}
+        pack_linears(model)
 
     def forward(self, tokens, positions, rows, lora_slots, last_index=None, all_logits=False):
         return slot_forward(self.model, self.cache, self.lora_layers, tokens, positions, rows, lora_slots,

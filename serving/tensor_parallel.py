@@ -24,11 +24,11 @@ from llama.tokenizer import Tokenizer
 @ray.remote
 class TPWorker:
     def __init__(self, rank: int, world: int, storage_url: str, model: str, slots: int, max_loras: int,
-                 max_lora_rank: int, max_seq_len: int | None, threads: int = 1):
+                 max_lora_rank: int, max_seq_len: int | None, threads: int = 1, dtype: str = "auto"):
         os.environ.setdefault("DS_ACCELERATOR", "cpu")
         torch.set_num_threads(threads)
         self.rank, self.world = rank, world
-        self.args = (storage_url, model, slots, max_loras, max_lora_rank, max_seq_len)
+        self.args = (storage_url, model, slots, max_loras, max_lora_rank, max_seq_len, dtype)
         self._store = None
 
     def open_store(self) -> tuple[str, int]:
@@ -41,21 +41,27 @@ class TPWorker:
         import torch.distributed as dist
         from llama.model import SlotKVCache
         from llama.multi_lora import attach_multi_lora
+        from llama.packed_linear import pack_linears
         from llama.tensor_parallel import load_shard, wrap_row_parallel
+        from llama.weights import inference_dtype
         if self._store is None:
             self._store = torch.distributed.TCPStore(host, port, self.world, is_master=False)
         backend = "nccl" if torch.cuda.is_available() else "gloo"
         dist.init_process_group(backend, store=self._store, rank=self.rank, world_size=self.world)
-        storage_url, model, slots, max_loras, max_lora_rank, max_seq_len = self.args
+        storage_url, model, slots, max_loras, max_lora_rank, max_seq_len, dtype = self.args
         directory = local_model_dir(open_storage(storage_url), model)
-        self.model = load_shard(directory, self.rank, self.world)
+        dtype = inference_dtype(dtype, directory)
+        self.model = load_shard(directory, self.rank, self.world, dtype=dtype)
         self.lora_layers = attach_multi_lora(self.model, max_loras, max_lora_rank) if max_loras else {}
         wrap_row_parallel(self.model)
+        pack_linears(self.model)
         cfg = self.model.cfg
-        self.cache = SlotKVCache(cfg, slots, max_seq_len or cfg.max_seq_len, n_kv_heads=cfg.n_kv_heads // self.world)
+        self.cache = SlotKVCache(cfg, slots, max_seq_len or cfg.max_seq_len, dtype=dtype,
+                                 n_kv_heads=cfg.n_kv_heads // self.world)
 
     def shard_numel(self) -> int:
-        return sum(p.numel() for p in self.model.parameters())
+        from llama.packed_linear import weight_numel
+        return weight_numel(self.model)
 
     def forward(self, tokens, positions, rows, lora_slots, last_index=None, all_logits=False):
         from serving.runner import slot_forward
@@ -86,7 +92,7 @@ class TPRunner:
 
     @classmethod
     def create(cls, storage: Storage, model: str, tp: int, slots: int, max_loras: int, max_lora_rank: int,
-               max_seq_len: int | None = None, worker_cpus: float = 0.5):
+               max_seq_len: int | None = None, worker_cpus: float = 0.5, dtype: str = "auto"):
         from ray.util.placement_group import get_current_placement_group
         from ray.util.scheduling_strategies import PlacementGroupSchedulingStrategy
         cfg = load_config(storage, model)
@@ -98,7 +104,7 @@ class TPRunner:
                 options["scheduling_strategy"] = PlacementGroupSchedulingStrategy(
                     placement_group=pg, placement_group_bundle_index=rank + 1)
             workers.append(TPWorker.options(**options).remote(rank, tp, storage.url, model, slots, max_loras,
-                                                              max_lora_rank, max_seq_len))
+                                                              max_lora_rank, max_seq_len, dtype=dtype))
         host, port = ray.get(workers[0].open_store.remote())
         ray.get([w.join.remote(host, port) for w in workers])
         return cls(workers, cfg, max_seq_len), _tokenizer(storage, model)

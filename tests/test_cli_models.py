@@ -73,3 +73,15 @@ def test_console_script_runs(storage_dir):
     bad = subprocess.run([os.path.join(bin_dir, "herd"), "models", "create-tiny", "--name", "../x"], env=env,
                          capture_output=True, text=True, timeout=120)
     assert bad.returncode == 2 and "invalid model name" in bad.stderr
+
+
+def test_generate_in_bfloat16(storage_dir):
+    herd("models", "create-tiny", "--name", "t16", storage=storage_dir)
+    bf16 = herd_json("generate", "--model", "t16", "--max-tokens", "8", "--dtype", "bfloat16", "In the beginning",
+                     storage=storage_dir)
+    assert len(bf16["token_ids"]) == 8 and isinstance(bf16["text"], str)
+    again = herd_json("generate", "--model", "t16", "--max-tokens", "8", "--dtype", "bfloat16", "In the beginning",
+                      storage=storage_dir)
+    assert again == bf16  # deterministic
+    bad = herd("generate", "--model", "t16", "--dtype", "fp8", "hi", storage=storage_dir, expect=2)
+    assert "--dtype" in bad.output
