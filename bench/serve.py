@@ -104,6 +104,55 @@ def herd_tokens_per_s(url: str, models: list[str], texts: list[str], clients: in
     return total / (time.perf_counter() - t0)
 
 
+def engine_tokens_per_s(model_dir: Path, dtype: str, texts: list[str], clients: int, per_client: int,
+                        max_tokens: int, threads: int) -> float:
+    """The engine alone, in this process (no HTTP): what the model side can do, for comparison.
+
+    Call in a fresh process (`--in-process`): set up single-threaded, as a replica is.
+    """
+    import threading
+
+    from llama.generation import SamplingParams
+    from llama.tokenizer import Tokenizer
+    from llama.weights import inference_dtype, load_model
+    from serving.engine import Engine, FinishEvent, Request
+    from serving.runner import LocalRunner
+    torch.set_num_threads(1)
+    tok = Tokenizer(model_dir / "tokenizer.model")
+    model = load_model(model_dir, dtype=inference_dtype(dtype, model_dir))
+    engine = Engine(LocalRunner(model, slots=32, max_loras=0, max_lora_rank=8), tok, slots=32, threads=threads)
+    counts = [0] * clients
+
+    def one(i: int, text: str) -> None:
+        done = threading.Event()
+
+        def emit(ev):
+            if isinstance(ev, FinishEvent):
+                counts[i] += ev.completion_tokens
+                done.set()
+        engine.submit(Request(tok.encode(text, bos=True), SamplingParams(max_tokens=max_tokens), emit))
+        done.wait()
+
+    one(0, texts[0])  # warm-up
+    counts[0] = 0
+    workers = [threading.Thread(target=lambda i=i: [one(i, texts[(i * per_client + k) % len(texts)])
+                                                    for k in range(per_client)]) for i in range(clients)]
+    t0 = time.perf_counter()
+    for w in workers:
+        w.start()
+    for w in workers:
+        w.join()
+    engine.shutdown()
+    return sum(counts) / (time.perf_counter() - t0)
+
+
+def in_process_rows(model_dir: Path, dtype: str, args, texts: list[str]) -> list[tuple[int, float]]:
+    out = subprocess.run([sys.executable, __file__, "--in-process", str(model_dir), "--dtypes", dtype,
+                          "--threads", str(args.threads), "--max-tokens", str(args.max_tokens),
+                          "--requests", str(args.requests)], capture_output=True, text=True, check=True)
+    return [(int(c), float(t)) for c, t in (line.split() for line in out.stdout.split("\n") if line.strip())]
+
+
 def measure_herd(env: dict, args, dtype: str, texts: list[str]) -> tuple[list[tuple[int, float]], float]:
     """Deploy Herd in `dtype`, measure 1/8/32 clients on the base and 32 over 16 adapters, shut down."""
     port = _port()
@@ -134,8 +183,14 @@ def main() -> None:
     parser.add_argument("--stream-interval-ms", type=float, default=0.0, help="Herd's --stream-interval-ms")
     parser.add_argument("--dtypes", default="float32,bfloat16",
                         help="comma-separated; each is measured for both Herd and transformers")
+    parser.add_argument("--in-process", type=Path, help=argparse.SUPPRESS)  # engine-only child run
     args = parser.parse_args()
     dtypes = args.dtypes.split(",")
+    if args.in_process:
+        for clients in (1, 32):
+            print(clients, engine_tokens_per_s(args.in_process, dtypes[0], prompts(64), clients, args.requests,
+                                               args.max_tokens, args.threads))
+        return
     env = {**os.environ, "HERD_DASHBOARD_PORT": str(_port()), "HERD_GCS_PORT": str(_port())}
     os.environ.update(env)
     results = {}
@@ -154,7 +209,8 @@ def main() -> None:
         try:
             for dtype in dtypes:
                 hf = hf_tokens_per_s(model_dir, texts[:args.requests * 2], args.max_tokens, args.threads, dtype)
-                results[dtype] = (hf, *measure_herd(env, args, dtype, texts))
+                results[dtype] = (hf, *measure_herd(env, args, dtype, texts),
+                                  in_process_rows(model_dir, dtype, args, texts))
         finally:
             subprocess.run([HERD, "cluster", "down"], env=env, capture_output=True)
     print(f"\nmodel: preset {args.preset} ({cfg.num_parameters() / 1e6:.1f}M params), greedy, "
@@ -162,13 +218,16 @@ def main() -> None:
           f"{args.stream_interval} token(s) / {args.stream_interval_ms:g} ms, CPU; each Herd row against transformers in the same dtype")
     print(f"{'setup':>44} | {'tokens/s':>9} | {'vs transformers':>15} | target")
     print("-" * 90)
-    for dtype, (hf, rows, mixed) in results.items():
+    for dtype, (hf, rows, mixed, engine_rows) in results.items():
         print(f"{f'transformers generate, sequential, {dtype}':>44} | {hf:>9.1f} | {1.0:>15.2f} |")
         for clients, tps in rows:
             target = {1: ">= 2x (batch 1)", 32: ">= 8x"}.get(clients, "")
             print(f"{f'Herd {dtype}, {clients} concurrent client(s)':>44} | {tps:>9.1f} | {tps / hf:>15.2f} | {target}")
         print(f"{f'Herd {dtype}, 32 clients over 16 adapters':>44} | {mixed:>9.1f} | {mixed / hf:>15.2f} | "
               f">= 0.8x of base: {mixed / rows[-1][1]:.2f}x")
+        for clients, tps in engine_rows:
+            label = f"engine alone {dtype}, {clients} client(s)"
+            print(f"{label:>44} | {tps:>9.1f} | {tps / hf:>15.2f} | (no HTTP, for comparison)")
 
 
 if __name__ == "__main__":
