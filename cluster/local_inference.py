@@ -4,9 +4,8 @@ from __future__ import annotations
 
 from llama.generation import SamplingParams, generate
 from llama.packed_linear import pack_linears
-from llama.weights import inference_dtype
 
-from cluster.models import load_base, local_model_dir
+from cluster.models import load_base
 from cluster.storage import open_storage
 
 
@@ -14,7 +13,7 @@ def generate_text(storage_url: str | None, model: str, prompt: str, adapter: str
                   max_tokens: int = 64, temperature: float = 0.0, top_p: float = 1.0,
                   seed: int | None = None, dtype: str = "auto") -> dict:
     storage = open_storage(storage_url)
-    net, tok = load_base(storage, model, dtype=inference_dtype(dtype, local_model_dir(storage, model)))
+    net, tok = load_base(storage, model, dtype=dtype)
     if adapter:
         from cluster.registry import AdapterRegistry
         AdapterRegistry(storage).apply_to(net, model, adapter)

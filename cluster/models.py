@@ -20,8 +20,8 @@ from llama.config import LlamaConfig
 from llama.meta_format import is_meta_dir, load_meta_checkpoint
 from llama.tiny import cache_dir, create_tiny
 from llama.tokenizer import Tokenizer
-from llama.weights import INDEX_FILE, check_state_dict, load_model, load_safetensors, save_safetensors, \
-    state_dict_from_hf, state_dict_to_hf
+from llama.weights import INDEX_FILE, check_state_dict, inference_dtype, load_model, load_safetensors, \
+    save_safetensors, state_dict_from_hf, state_dict_to_hf
 
 MODELS = "models"
 
@@ -135,8 +135,9 @@ def local_model_dir(storage: Storage, name: str) -> Path:
     return target
 
 
-def load_base(storage: Storage, name: str, **kwargs):
-    """(model, tokenizer) for a stored base model."""
+def load_base(storage: Storage, name: str, dtype: str = "auto", **kwargs):
+    """(model, tokenizer) for a stored base model, in the dtype a `--dtype` choice names."""
     directory = local_model_dir(storage, name)
-    return load_model(directory, **kwargs), Tokenizer(directory / "tokenizer.model")
+    return (load_model(directory, dtype=inference_dtype(dtype, directory), **kwargs),
+            Tokenizer(directory / "tokenizer.model"))
 

@@ -211,6 +211,6 @@ def inference_dtype(choice: str, directory: str | Path, device: torch.device | s
 
 
 __all__ = [
-    "ConfigError", "WeightsError", "save_model", "load_model", "inference_dtype", "DTYPE_NAMES", "save_safetensors", "load_safetensors",
-    "state_dict_to_hf", "state_dict_from_hf", "check_state_dict", "herd_to_hf_name", "hf_to_herd_name",
+    "ConfigError", "WeightsError", "save_model", "load_model", "inference_dtype", "DTYPE_NAMES",
+    "save_safetensors", "load_safetensors",    "state_dict_to_hf", "state_dict_from_hf", "check_state_dict", "herd_to_hf_name", "hf_to_herd_name",
 ]

@@ -42,11 +42,9 @@ def _load_runner(cfg: dict):
         return TPRunner.create(storage, cfg["model"], cfg["tp"], slots=cfg["max_batch"], max_loras=cfg["max_loras"],
                                max_lora_rank=cfg["max_lora_rank"], max_seq_len=cfg.get("max_seq_len"),
                                worker_cpus=cfg["worker_cpus"], dtype=cfg.get("dtype", "auto"))
-    from cluster.models import load_base, local_model_dir
-    from llama.weights import inference_dtype
+    from cluster.models import load_base
     from serving.runner import LocalRunner
-    dtype = inference_dtype(cfg.get("dtype", "auto"), local_model_dir(storage, cfg["model"]))
-    model, tok = load_base(storage, cfg["model"], dtype=dtype)
+    model, tok = load_base(storage, cfg["model"], dtype=cfg.get("dtype", "auto"))
     runner = LocalRunner(model, slots=cfg["max_batch"], max_loras=cfg["max_loras"],
                          max_lora_rank=cfg["max_lora_rank"], max_seq_len=cfg.get("max_seq_len"))
     return runner, tok
