@@ -148,7 +148,7 @@ def engine_tokens_per_s(model_dir: Path, dtype: str, texts: list[str], clients: 
 
 def in_process_rows(model_dir: Path, dtype: str, args, texts: list[str]) -> list[tuple[int, float]]:
     out = subprocess.run([sys.executable, __file__, "--in-process", str(model_dir), "--dtypes", dtype,
-                          "--threads", str(args.threads), "--max-tokens", str(args.max_tokens),
+                          "--threads", str(args.herd_threads), "--max-tokens", str(args.max_tokens),
                           "--requests", str(args.requests)], capture_output=True, text=True, check=True)
     return [(int(c), float(t)) for c, t in (line.split() for line in out.stdout.split("\n") if line.strip())]
 
@@ -157,13 +157,16 @@ def measure_herd(env: dict, args, dtype: str, texts: list[str]) -> tuple[list[tu
     """Deploy Herd in `dtype`, measure 1/8/32 clients on the base and 32 over 16 adapters, shut down."""
     port = _port()
     subprocess.run([HERD, "serve", "deploy", "--model", "bench", "--port", str(port), "--max-batch", "32",
-                    "--max-loras", "16", "--max-lora-rank", "8", "--threads", str(args.threads),
+                    "--max-loras", "16", "--max-lora-rank", "8", "--threads", str(args.herd_threads),
                     "--stream-interval", str(args.stream_interval), "--stream-interval-ms",
                     str(args.stream_interval_ms), "--dtype", dtype],
                    env=env, check=True)
     endpoint = f"http://127.0.0.1:{port}"
     try:
-        herd_tokens_per_s(endpoint, ["bench"], texts, 1, 1, 8)  # warm-up
+        # Warm-up as the other sides get one: a full-length request, then a full batch of short ones
+        # (oneDNN builds its kernels per shape on first use).
+        herd_tokens_per_s(endpoint, ["bench"], texts, 1, 1, args.max_tokens)
+        herd_tokens_per_s(endpoint, ["bench"], texts, 32, 1, 8)
         rows = [(clients, herd_tokens_per_s(endpoint, ["bench"], texts, clients, args.requests, args.max_tokens))
                 for clients in (1, 8, 32)]
         mixed = herd_tokens_per_s(endpoint, [f"bench:ad{i}" for i in range(16)], texts, 32, args.requests,
@@ -179,6 +182,8 @@ def main() -> None:
     parser.add_argument("--max-tokens", type=int, default=64)
     parser.add_argument("--requests", type=int, default=4, help="requests per client")
     parser.add_argument("--threads", type=int, default=2, help="torch threads for both")
+    parser.add_argument("--herd-threads", type=int, default=None,
+                        help="Herd's engine threads (default: --threads)")
     parser.add_argument("--stream-interval", type=int, default=1, help="Herd's --stream-interval")
     parser.add_argument("--stream-interval-ms", type=float, default=0.0, help="Herd's --stream-interval-ms")
     parser.add_argument("--dtypes", default="float32,bfloat16",
@@ -186,6 +191,7 @@ def main() -> None:
     parser.add_argument("--in-process", type=Path, help=argparse.SUPPRESS)  # engine-only child run
     args = parser.parse_args()
     dtypes = args.dtypes.split(",")
+    args.herd_threads = args.herd_threads or args.threads
     if args.in_process:
         for clients in (1, 32):
             print(clients, engine_tokens_per_s(args.in_process, dtypes[0], prompts(64), clients, args.requests,

@@ -46,3 +46,43 @@ def test_slots_at_different_positions_share_one_batch():
         for i, seq in enumerate(seqs):
             ref = model(seq[None])[0, -1]
             assert (batched[i] - ref).abs().max().item() <= 1e-5
+
+
+def test_eager_attention_equals_sdpa_with_grouped_heads():
+    """The CPU decode path (matmul-softmax-matmul, GQA heads folded into rows) against PyTorch's SDPA."""
+    import torch.nn.functional as F
+
+    from llama.model import eager_attention
+    gen = torch.Generator().manual_seed(3)
+    b, h, hkv, t, s, d = 5, 8, 2, 3, 11, 16
+    q = torch.randn(b, h, t, d, generator=gen)
+    k, v = torch.randn(b, hkv, s, d, generator=gen), torch.randn(b, hkv, s, d, generator=gen)
+    pos = torch.randint(t - 1, s, (b,), generator=gen)[:, None] - torch.arange(t - 1, -1, -1)[None]
+    mask = (torch.arange(s)[None, None, :] <= pos[:, :, None])[:, None]
+    ref = F.scaled_dot_product_attention(q, k.repeat_interleave(h // hkv, 1), v.repeat_interleave(h // hkv, 1),
+                                         attn_mask=mask)
+    assert (eager_attention(q, k, v, mask) - ref).abs().max().item() <= 1e-5
+    half = eager_attention(q.bfloat16(), k.bfloat16(), v.bfloat16(), mask).float()
+    assert (half - ref).abs().max().item() <= 0.05
+
+
+def test_bf16_batched_decode_takes_the_eager_path_and_matches_fp32():
+    """Eight slots decoded together in bf16 (the eager attention path) give fp32's logits within
+    bf16 rounding, and the same greedy tokens."""
+    from llama.model import _eager_attention_pays
+    model = make_model(CFG, seed=5)
+    half = make_model(CFG, seed=5).to(torch.bfloat16)
+    gen = torch.Generator().manual_seed(2)
+    seqs = torch.randint(0, 300, (8, 10), generator=gen)
+    rows, pos = torch.arange(8).flip(0), torch.full((8, 1), 9)
+    assert _eager_attention_pays(torch.zeros(8, 8, 1, 8, dtype=torch.bfloat16))
+    out = []
+    with torch.no_grad():
+        for m, dtype in ((model, torch.float32), (half, torch.bfloat16)):
+            cache = SlotKVCache(CFG, slots=8, max_seq_len=32, dtype=dtype)
+            cache.bind(rows, torch.arange(9).expand(8, 9))
+            m(seqs[:, :9], torch.arange(9).expand(8, 9), cache)
+            cache.bind(rows, pos)
+            out.append(m(seqs[:, 9:], pos, cache)[:, 0])
+    assert (out[0] - out[1]).abs().max().item() <= 0.05 * out[0].abs().max().item()
+    assert torch.equal(out[0].argmax(-1), out[1].argmax(-1))
