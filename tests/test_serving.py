@@ -1,8 +1,10 @@
 """The deployed endpoint on a real local Ray Serve, through the real openai client."""
 
+import os
 import socket
 import threading
 import time
+from pathlib import Path
 
 import httpx
 import openai
@@ -79,6 +81,18 @@ def test_openai_client_completions_and_chat(client, served):
     text = "".join(c.choices[0].delta.content or "" for c in chunks if c.choices)
     assert text == chat.choices[0].message.content
     assert chunks[-1].usage.completion_tokens == chat.usage.completion_tokens
+
+
+def test_http_ingress_is_haproxy(served):
+    """On the local head, HAProxy (not Serve's Python proxy) holds the endpoint's port."""
+    from cluster.ray_cluster import _haproxy_dir
+    state = _haproxy_dir(os.environ["HERD_GCS_PORT"])
+    configs = list(state.glob("*/haproxy.cfg"))
+    port = served["url"].rsplit(":", 1)[1]
+    assert configs and any(f":{port}" in c.read_text() for c in configs), configs
+    running = [p.read_bytes() for p in Path("/proc").glob("[0-9]*/cmdline") if str(state).encode() in p.read_bytes()]
+    assert any(b"haproxy" in cmd for cmd in running)
+    assert httpx.get(served["url"] + "/health", timeout=10).json()["status"] == "ok"
 
 
 def test_concurrent_mixed_adapters_equal_single_requests(client, served):
