@@ -112,7 +112,7 @@ class AdapterSlots:
 class Engine:
     def __init__(self, runner: Runner, tokenizer: Tokenizer, slots: int, max_loras: int = 0,
                  adapter_loader: AdapterLoader | None = None, max_waiting: int = 256,
-                 max_prefills_per_step: int = 16, stream_interval: int = 1, speculate_tokens: int = 4,
+                 max_prefills_per_step: int = 16, stream_interval: int = 1, speculate_tokens: int = 8,
                  speculate_max_batch: int = 4, prefill_batch: int = 4, prefill_wait_s: float = 0.05,
                  threads: int | None = None, stream_interval_ms: float = 0.0):
         self.runner, self.tok = runner, tokenizer
@@ -297,7 +297,11 @@ class Engine:
 
     def _draft(self, req: Request, n: int = 3) -> list[int]:
         """Prompt-lookup drafting for greedy rows: if the last n tokens occurred before, propose what
-        followed them then. Costs no model; a wrong guess costs only a wider forward."""
+        followed them then. Costs no model; a wrong guess costs only a wider forward.
+
+        A match p tokens back means "the text repeats with period p": the continuation is read
+        cyclically, so a match that overlaps the tail (a repeated word, a loop) still drafts
+        `speculate_tokens` tokens instead of the few that follow it so far."""
         if req.params.temperature != 0 or not self.speculate_tokens:
             return []
         history = req.prompt_ids + req.generated
@@ -307,7 +311,8 @@ class Engine:
             tail = history[-size:]
             for start in range(len(history) - size - 1, -1, -1):
                 if history[start:start + size] == tail:
-                    return history[start + size:start + size + self.speculate_tokens]
+                    period = len(history) - size - start
+                    return [history[-period + j % period] for j in range(self.speculate_tokens)]
         return []
 
     def _sample(self, batch: list[Request], logits: torch.Tensor) -> list[int]:

@@ -178,3 +178,18 @@ def test_prompt_lookup_speculation_is_exact(tokenizer_path, adapters):
     assert outputs[4][0][0] == ref
     stats = outputs[4][1]
     assert stats["draft_accepted"] > 0 and stats["decode_steps"] < outputs[0][1]["decode_steps"]
+
+
+def test_draft_reads_a_repeating_tail_cyclically():
+    """A match that overlaps the tail still drafts a full window: the text is taken to repeat with
+    the match's period (a run of one token, a loop of three)."""
+    from types import SimpleNamespace
+    eng = SimpleNamespace(speculate_tokens=8)
+    greedy = SamplingParams(max_tokens=10)
+
+    def draft(history):
+        return Engine._draft(eng, Request(history[:2], greedy, print, generated=history[2:]))
+    assert draft([1, 9, 4, 7, 7, 7]) == [7] * 8
+    assert draft([1, 5, 6, 8, 5, 6, 8, 5]) == [6, 8, 5, 6, 8, 5, 6, 8]
+    assert draft([1, 5, 6, 8, 2, 3]) == []  # nothing to copy
+    assert Engine._draft(eng, Request([1, 7, 7], SamplingParams(max_tokens=4, temperature=0.7), print)) == []
