@@ -1,4 +1,4 @@
-"""bf16 inference: oneDNN-packed linears, the `--dtype` choice, and the engine thread's torch threads."""
+"""CPU inference: oneDNN-packed linears (bf16 and fp32), the `--dtype` choice, and the engine thread's torch threads."""
 
 import json
 import queue
@@ -40,14 +40,25 @@ def test_packed_linear_equals_plain_bf16_linear(shape):
 
 
 @needs_bf16
-def test_pack_linears_replaces_every_linear_of_a_bf16_model_only():
-    fp32 = make_model(CFG, seed=1)
-    assert pack_linears(fp32) == 0  # fp32 keeps PyTorch's linear (MKL is as fast there)
-    model = make_model(CFG, seed=1).to(torch.bfloat16)
-    numel = weight_numel(model)
-    assert pack_linears(model) == 7 * CFG.n_layers + 1
-    assert not any(type(m) is torch.nn.Linear for m in model.modules())
-    assert weight_numel(model) == numel
+def test_pack_linears_replaces_every_linear_of_bf16_and_fp32_models():
+    for dtype in (torch.bfloat16, torch.float32):
+        model = make_model(CFG, seed=1).to(dtype)
+        numel = weight_numel(model)
+        assert pack_linears(model) == 7 * CFG.n_layers + 1
+        assert not any(type(m) is torch.nn.Linear for m in model.modules())
+        assert weight_numel(model) == numel
+    assert pack_linears(make_model(CFG, seed=1).to(torch.float16)) == 0  # no packed fp16 path: plain linear
+
+
+@pytest.mark.skipif(not packing_supported(torch.float32, "cpu"), reason="PyTorch built without oneDNN")
+def test_packed_fp32_linear_equals_plain_to_rounding():
+    """fp32 stays fp32 math when packed (oneDNN's blocked layout, not a lower precision)."""
+    lin = torch.nn.Linear(512, 1376, bias=False)
+    packed = PackedLinear(lin)
+    x = torch.randn(3, 9, 512)
+    ref = torch.nn.functional.linear(x, lin.weight)
+    assert (packed(x) - ref).abs().max().item() <= 1e-5 * max(1.0, ref.abs().max().item())
+    assert torch.allclose(packed(x[0, :1]), ref[0, :1], atol=1e-5)
 
 
 @needs_bf16
