@@ -38,6 +38,9 @@ def serve_deploy(
                                                  help="stream text every N tokens (fewer, larger SSE chunks)")] = 1,
     stream_interval_ms: Annotated[float, typer.Option("--stream-interval-ms", min=0.0,
                                                       help="and at most one chunk per request every T ms")] = 0.0,
+    speculate_tokens: Annotated[int, typer.Option(
+        "--speculate-tokens", min=0, max=32,
+        help="prompt-lookup draft tokens per greedy request while few run (0: off)")] = 8,
     dtype: DtypeOpt = Dtype.auto,
     address: AddressOpt = None, storage: StorageOpt = None, json_: JsonOpt = False,
 ) -> None:
@@ -55,7 +58,7 @@ def serve_deploy(
                 "look_back_period_s": look_back_period_s, "metrics_interval_s": metrics_interval_s,
                 "replica_cpus": replica_cpus, "worker_cpus": worker_cpus, "threads": threads,
                 "stream_interval": stream_interval, "stream_interval_ms": stream_interval_ms,
-                "dtype": dtype.value}
+                "speculate_tokens": speculate_tokens, "dtype": dtype.value}
         result = serve_control.deploy(open_storage(storage), args, address, port=port, say=_say)
         emit(result, json_, f"endpoint ready: {result['endpoint']}/v1 serving {model!r} "
                             f"({result['running_replicas']} replica(s), TP={tp})")

@@ -68,6 +68,7 @@ class HerdServer:
                              adapter_loader=self.view.load, max_waiting=config.get("max_waiting", 256),
                              stream_interval=config.get("stream_interval", 1),
                              stream_interval_ms=config.get("stream_interval_ms", 0.0),
+                             speculate_tokens=int(config.get("speculate_tokens", 8)),
                              threads=max(1, int(config.get("threads", 1))))
         self.metrics = ServerMetrics()
         self.context = self.engine.max_seq_len
@@ -293,6 +294,6 @@ def build_app(args: dict):
         "adapter_ttl_s": float(args.get("adapter_ttl_s", 1.0)), "max_seq_len": args.get("max_seq_len"),
         "worker_cpus": float(args.get("worker_cpus", 1.0)), "stream_interval": int(args.get("stream_interval", 1)),
         "stream_interval_ms": float(args.get("stream_interval_ms", 0.0)),
-        "dtype": str(args.get("dtype", "auto")),
+        "dtype": str(args.get("dtype", "auto")), "speculate_tokens": int(args.get("speculate_tokens", 8)),
     }
     return HerdServer.options(**deployment_options(args)).bind(config)

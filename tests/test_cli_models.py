@@ -62,6 +62,8 @@ def test_bad_usage_exit_codes(storage_dir, tmp_path):
     r = herd("generate", "--model", "ghost", "hi", storage=storage_dir, expect=1)
     assert "model 'ghost' not found" in r.output
     herd("generate", "--model", "x", "--max-tokens", "0", "hi", storage=storage_dir, expect=2)
+    r = herd("serve", "deploy", "--model", "x", "--speculate-tokens", "-1", storage=storage_dir, expect=2)
+    assert "--speculate-tokens" in r.output
 
 
 def test_console_script_runs(storage_dir):
