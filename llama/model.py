@@ -169,9 +169,10 @@ def _eager_attention_pays(q: torch.Tensor) -> bool:
     """PyTorch's CPU flash-attention kernel is slow in bf16/fp16 for batched short queries (decode):
     for 32 rows x 1 token over 300 cached positions it took 5.9 ms a layer vs 1.3 ms for the plain
     matmul-softmax-matmul (2 threads, AVX-512). It stays the better kernel for one or a few rows,
-    for fp32, and on GPUs."""
+    for fp32, on GPUs, and for long queries (a prefill), where the full score matrix that eager
+    attention materializes would cost memory quadratic in the prompt."""
     b, _, t, _ = q.shape
-    return q.device.type == "cpu" and q.dtype != torch.float32 and (b >= 8 or t >= 32)
+    return q.device.type == "cpu" and q.dtype != torch.float32 and b >= 8 and t <= 16
 
 
 def eager_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:

@@ -86,3 +86,12 @@ def test_bf16_batched_decode_takes_the_eager_path_and_matches_fp32():
             out.append(m(seqs[:, 9:], pos, cache)[:, 0])
     assert (out[0] - out[1]).abs().max().item() <= 0.05 * out[0].abs().max().item()
     assert torch.equal(out[0].argmax(-1), out[1].argmax(-1))
+
+
+def test_eager_attention_only_for_batched_short_half_precision_queries_on_cpu():
+    from llama.model import _eager_attention_pays
+    q = lambda b, t, dtype=torch.bfloat16: torch.zeros(b, 4, t, 8, dtype=dtype)  # noqa: E731
+    assert _eager_attention_pays(q(8, 1)) and _eager_attention_pays(q(32, 9))
+    assert not _eager_attention_pays(q(4, 1))  # one or a few rows: the flash kernel is faster
+    assert not _eager_attention_pays(q(8, 512))  # a long prefill: no quadratic score matrix
+    assert not _eager_attention_pays(q(32, 1, torch.float32))
