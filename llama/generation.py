@@ -1,7 +1,7 @@
 """Single-prompt generation: prefill once, then decode one token at a time from the KV cache.
 
-Sampling follows Meta's reference (temperature, then top-p over the sorted distribution) with
-top-k added; temperature 0 is greedy. A seeded `torch.Generator` makes sampling repeatable.
+Sampling is llama/sampler.py's, the serving engine's own: temperature 0 is greedy, a seed gives
+the same tokens here as in the engine.
 """
 
 from __future__ import annotations
@@ -10,7 +10,11 @@ from dataclasses import dataclass
 
 import torch
 
-from llama.model import SlotKVCache, Transformer
+import random
+
+from llama.model import Transformer
+from llama.paged_cache import PagedKVCache, blocks_for, contiguous_tables
+from llama.sampler import SamplingBatch, sample
 
 
 @dataclass
@@ -33,25 +37,6 @@ class SamplingParams:
             raise ValueError(f"top_k must be >= 0, got {self.top_k}")
 
 
-def sample_next(logits: torch.Tensor, temperature: float, top_p: float = 1.0, top_k: int = 0,
-                generator: torch.Generator | None = None) -> torch.Tensor:
-    """logits [B, V] -> token ids [B]."""
-    if temperature == 0:
-        return logits.argmax(dim=-1)
-    logits = logits.float() / temperature
-    if top_k > 0:
-        kth = torch.topk(logits, min(top_k, logits.shape[-1]), dim=-1).values[..., -1:]
-        logits = logits.masked_fill(logits < kth, float("-inf"))
-    probs = torch.softmax(logits, dim=-1)
-    if top_p < 1.0:
-        sorted_probs, order = torch.sort(probs, dim=-1, descending=True)
-        drop = sorted_probs.cumsum(-1) - sorted_probs > top_p
-        sorted_probs = sorted_probs.masked_fill(drop, 0.0)
-        choice = torch.multinomial(sorted_probs / sorted_probs.sum(-1, keepdim=True), 1, generator=generator)
-        return order.gather(-1, choice).squeeze(-1)
-    return torch.multinomial(probs, 1, generator=generator).squeeze(-1)
-
-
 @dataclass
 class Generation:
     token_ids: list[int]
@@ -71,19 +56,21 @@ def generate(model: Transformer, prompt_ids: list[int], params: SamplingParams,
     max_new = min(params.max_tokens, cfg.max_seq_len - len(prompt_ids))
     device = next(model.parameters()).device
     dtype = next(model.parameters()).dtype
-    cache = SlotKVCache(cfg, slots=1, max_seq_len=len(prompt_ids) + max_new, dtype=dtype, device=device)
+    block = 16
+    n_blocks = blocks_for(len(prompt_ids) + max_new, block)
+    cache = PagedKVCache(cfg, n_blocks + 1, block, dtype=dtype, device=device)
+    tables = contiguous_tables(1, n_blocks, device)
     stops = set(params.stop_ids) | ({cfg.eos_id if eos_id is None else eos_id})
-    gen = torch.Generator(device=device)
-    gen.manual_seed(params.seed if params.seed is not None else torch.seed())
-    rows = torch.zeros(1, dtype=torch.long, device=device)
+    seed = params.seed if params.seed is not None else random.getrandbits(63)
 
     tokens = torch.tensor([prompt_ids], device=device)
     positions = torch.arange(len(prompt_ids), device=device)[None]
     out: list[int] = []
-    for _ in range(max_new):
-        cache.bind(rows, positions)
+    for i in range(max_new):
+        cache.bind(tables, positions, span=len(prompt_ids) + i)
         logits = model(tokens, positions, cache, last_only=True)[:, -1]
-        nxt = int(sample_next(logits, params.temperature, params.top_p, params.top_k, gen)[0])
+        settings = SamplingBatch([params.temperature], [params.top_p], [params.top_k], [seed], [i])
+        nxt = int(sample(logits, settings)[0])
         if nxt in stops:
             return Generation(out, "stop", len(prompt_ids))
         out.append(nxt)

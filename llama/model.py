@@ -56,7 +56,7 @@ def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.T
 
 
 class KVCache(Protocol):
-    """What attention needs from a cache; the serving engine brings its own slot-based one."""
+    """What attention needs from a cache (llama/paged_cache.py's PagedKVCache is the one we use)."""
 
     def update(self, layer: int, k: torch.Tensor, v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """Store k/v [B, KVH, T, D] at this step's positions; return the keys/values to attend to."""
@@ -66,68 +66,44 @@ class KVCache(Protocol):
         """Boolean [B, 1, T, S] (True = attend) matching what `update` returns, or None for causal."""
         ...
 
+    def attend_in_place(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor | None:
+        """Attention computed by the cache itself (a paged kernel) -> [B, H, T, D], or None."""
+        ...
 
-class SlotKVCache:
-    """A preallocated cache: `slots` rows of `max_seq_len` positions per layer.
 
-    Memory is fixed at construction and reused: a request owns a slot (a row) while it runs.
-    Before each forward, `bind(rows, positions)` says which slots the batch rows are and where
-    their tokens sit; attention then covers positions up to the furthest one in the batch.
-    """
+class FusedLinear(nn.Module):
+    """Several bias-free projections of the same input as one matmul (q/k/v, gate/up), split after.
 
-    def __init__(self, cfg: LlamaConfig, slots: int, max_seq_len: int | None = None,
-                 dtype: torch.dtype = torch.float32, device: torch.device | str = "cpu",
-                 n_kv_heads: int | None = None):
-        self.max_seq_len = max_seq_len or cfg.max_seq_len
-        kvh = n_kv_heads or cfg.n_kv_heads
-        shape = (cfg.n_layers, slots, kvh, self.max_seq_len, cfg.head_dim)
-        self.k = torch.zeros(shape, dtype=dtype, device=device)
-        self.v = torch.zeros(shape, dtype=dtype, device=device)
-        self._rows: torch.Tensor | None = None
-        self._positions: torch.Tensor | None = None
-        self._mask: torch.Tensor | None = None
-        self._span = 0
-        self._buffers: list[torch.Tensor | None] = [None, None]  # gathered K and V (see `_gather`)
+    `parts` keeps the original linears' LoRA deltas (llama/multi_lora.py), if any, so an adapter
+    applies to its own slice exactly as before fusion."""
 
-    def bind(self, rows: torch.Tensor, positions: torch.Tensor) -> None:
-        """rows: [B] slot indices; positions: [B, T] absolute positions of this step's tokens."""
-        last = int(positions.max())
-        if last >= self.max_seq_len:
-            raise ValueError(f"position {last} is beyond the cache ({self.max_seq_len})")
-        self._rows, self._positions = rows, positions
-        self._span = last + 1
-        # The same for every layer of this forward, so built once here.
-        keys = torch.arange(self._span, device=positions.device)
-        self._mask = (keys[None, None, :] <= positions[:, :, None])[:, None]
+    def __init__(self, linears: list[nn.Module]):
+        super().__init__()
+        bases = [getattr(m, "base", m) for m in linears]
+        self.sizes = [b.weight.shape[0] for b in bases]
+        self.weight = nn.Parameter(torch.cat([b.weight.detach() for b in bases]), requires_grad=False)
+        self.deltas = [m if hasattr(m, "delta") else None for m in linears]
+        for m in self.deltas:
+            if m is not None:
+                m.base = None  # the fused weight replaces it
 
-    def update(self, layer: int, k: torch.Tensor, v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        rows, pos = self._rows, self._positions
-        assert rows is not None and pos is not None, "bind() the cache before a forward"
-        b, h, t, d = k.shape
-        # Scatter this step's keys/values into their slots at their positions.
-        r = rows[:, None].expand(b, t)
-        self.k[layer][r, :, pos] = k.transpose(1, 2)
-        self.v[layer][r, :, pos] = v.transpose(1, 2)
-        return self._gather(self.k[layer], rows, 0), self._gather(self.v[layer], rows, 1)
+    def forward(self, x: torch.Tensor) -> list[torch.Tensor]:
+        outs = list(F.linear(x, self.weight).split(self.sizes, dim=-1))
+        for i, m in enumerate(self.deltas):
+            if m is not None and m.active:
+                outs[i] = outs[i] + m.delta(x)
+        return outs
 
-    def _gather(self, cache: torch.Tensor, rows: torch.Tensor, which: int) -> torch.Tensor:
-        """The batch's rows of one layer's cache up to the span, contiguous for the attention matmuls.
 
-        Into a reused buffer (valid until the next layer's update): a fresh multi-MB tensor per layer
-        cost as much again in page faults. index_select on the [:span] view copies only what is
-        attended, and is several times faster on CPU than advanced indexing `cache[rows, :, :span]`."""
-        _, h, _, d = cache.shape
-        shape = (rows.numel(), h, self._span, d)
-        n = shape[0] * h * shape[2] * d
-        buf = self._buffers[which]
-        if buf is None or buf.numel() < n:
-            buf = self._buffers[which] = torch.empty(min(2 * n, cache.numel()), dtype=cache.dtype,
-                                                     device=cache.device)
-        return torch.index_select(cache[:, :, : self._span], 0, rows, out=buf[:n].view(shape))
-
-    def attention_mask(self) -> torch.Tensor:
-        assert self._mask is not None, "bind() the cache before a forward"
-        return self._mask
+def fuse_projections(model: nn.Module) -> None:
+    """q/k/v into one `wqkv` and gate/up into one `w13` in every layer (inference: one matmul instead
+    of three or two, for GPUs where each launch and each pass over the input counts)."""
+    for layer in model.layers:
+        a, f = layer.attention, layer.feed_forward
+        a.wqkv = FusedLinear([a.wq, a.wk, a.wv])
+        del a.wq, a.wk, a.wv
+        f.w13 = FusedLinear([f.w1, f.w3])
+        del f.w1, f.w3
 
 
 class Attention(nn.Module):
@@ -142,27 +118,37 @@ class Attention(nn.Module):
     def forward(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, layer: int,
                 cache: KVCache | None) -> torch.Tensor:
         b, t, _ = x.shape
+        q, k, v = self.wqkv(x) if hasattr(self, "wqkv") else (self.wq(x), self.wk(x), self.wv(x))
         # Head counts come from the weights so that a tensor-parallel shard runs the same code.
-        q = self.wq(x).view(b, t, -1, self.head_dim).transpose(1, 2)
-        k = self.wk(x).view(b, t, -1, self.head_dim).transpose(1, 2)
-        v = self.wv(x).view(b, t, -1, self.head_dim).transpose(1, 2)
+        q = q.view(b, t, -1, self.head_dim).transpose(1, 2)
+        k = k.view(b, t, -1, self.head_dim).transpose(1, 2)
+        v = v.view(b, t, -1, self.head_dim).transpose(1, 2)
         q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
         mask = None
         if cache is not None:
             k, v = cache.update(layer, k, v)
+            out = cache.attend_in_place(q, k, v)
+            if out is not None:
+                return self.wo(out.transpose(1, 2).reshape(b, t, -1))
             mask = cache.attention_mask()
         if mask is not None and _eager_attention_pays(q):
             out = eager_attention(q, k, v, mask)
         else:
-            groups = q.shape[1] // k.shape[1]
-            if groups > 1:
-                k = k.repeat_interleave(groups, dim=1)
-                v = v.repeat_interleave(groups, dim=1)
-            if mask is None:
-                out = F.scaled_dot_product_attention(q, k, v, is_causal=t > 1)
-            else:
-                out = F.scaled_dot_product_attention(q, k, v, attn_mask=mask)
+            out = sdpa(q, k, v, mask)
         return self.wo(out.transpose(1, 2).reshape(b, t, -1))
+
+
+def sdpa(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor | None) -> torch.Tensor:
+    """PyTorch's fused attention (flash / memory-efficient kernels on GPU), causal without a mask.
+    Grouped-query K/V are not repeated where torch supports `enable_gqa` (2.5+)."""
+    causal = mask is None and q.shape[2] > 1
+    if q.shape[1] != k.shape[1]:
+        try:
+            return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=causal, enable_gqa=True)
+        except TypeError:  # torch < 2.5
+            groups = q.shape[1] // k.shape[1]
+            k, v = k.repeat_interleave(groups, dim=1), v.repeat_interleave(groups, dim=1)
+    return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=causal)
 
 
 def _eager_attention_pays(q: torch.Tensor) -> bool:
@@ -199,7 +185,8 @@ class FeedForward(nn.Module):
         self.w2 = nn.Linear(cfg.intermediate_size, cfg.dim, bias=False)  # down
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.w2(F.silu(self.w1(x)) * self.w3(x))
+        gate, up = self.w13(x) if hasattr(self, "w13") else (self.w1(x), self.w3(x))
+        return self.w2(F.silu(gate) * up)
 
 
 class TransformerBlock(nn.Module):

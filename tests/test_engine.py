@@ -13,6 +13,7 @@ from llama.multi_lora import attach_multi_lora, load_into_slot, set_rows
 from llama.tokenizer import Tokenizer
 from serving.engine import Engine, ErrorEvent, FinishEvent, Request, TokenEvent
 from serving.runner import LocalRunner
+from serving.speculation import prompt_lookup_draft
 
 CFG = preset("tiny")
 
@@ -146,7 +147,7 @@ class NoEosRunner(LocalRunner):
 
     def forward(self, *args, **kwargs):
         logits = super().forward(*args, **kwargs)
-        logits[:, 2] = float("-inf")
+        logits[..., 2] = float("-inf")
         return logits
 
 
@@ -183,13 +184,6 @@ def test_prompt_lookup_speculation_is_exact(tokenizer_path, adapters):
 def test_draft_reads_a_repeating_tail_cyclically():
     """A match that overlaps the tail still drafts a full window: the text is taken to repeat with
     the match's period (a run of one token, a loop of three)."""
-    from types import SimpleNamespace
-    eng = SimpleNamespace(speculate_tokens=8)
-    greedy = SamplingParams(max_tokens=10)
-
-    def draft(history):
-        return Engine._draft(eng, Request(history[:2], greedy, print, generated=history[2:]))
-    assert draft([1, 9, 4, 7, 7, 7]) == [7] * 8
-    assert draft([1, 5, 6, 8, 5, 6, 8, 5]) == [6, 8, 5, 6, 8, 5, 6, 8]
-    assert draft([1, 5, 6, 8, 2, 3]) == []  # nothing to copy
-    assert Engine._draft(eng, Request([1, 7, 7], SamplingParams(max_tokens=4, temperature=0.7), print)) == []
+    assert prompt_lookup_draft([1, 9, 4, 7, 7, 7], 8) == [7] * 8
+    assert prompt_lookup_draft([1, 5, 6, 8, 5, 6, 8, 5], 8) == [6, 8, 5, 6, 8, 5, 6, 8]
+    assert prompt_lookup_draft([1, 5, 6, 8, 2, 3], 8) == []  # nothing to copy
