@@ -37,16 +37,22 @@ DEFAULT_CHAT_TOKENS = 512
 
 def _load_runner(cfg: dict):
     storage = open_storage(cfg["storage"])
+    kv = {"kv_cache_gib": cfg.get("kv_cache_gib"), "gpu_memory_utilization": cfg.get("gpu_memory_utilization") or 0.9}
     if cfg.get("tp", 1) > 1:
-        from serving.tensor_parallel import TPRunner
+        from serving.tensor_parallel import DEFAULT_STEP_TIMEOUT_S, TPRunner
         return TPRunner.create(storage, cfg["model"], cfg["tp"], slots=cfg["max_batch"], max_loras=cfg["max_loras"],
                                max_lora_rank=cfg["max_lora_rank"], max_seq_len=cfg.get("max_seq_len"),
-                               worker_cpus=cfg["worker_cpus"], dtype=cfg.get("dtype", "auto"))
+                               worker_cpus=cfg["worker_cpus"], dtype=cfg.get("dtype", "auto"),
+                               step_timeout_s=float(cfg.get("tp_step_timeout_s") or DEFAULT_STEP_TIMEOUT_S), **kv)
     from cluster.models import load_base
+    from serving.kv_blocks import plan_num_blocks
     from serving.runner import LocalRunner
     model, tok = load_base(storage, cfg["model"], dtype=cfg.get("dtype", "auto"))
+    param = next(model.parameters())
+    max_seq_len = min(cfg.get("max_seq_len") or model.cfg.max_seq_len, model.cfg.max_seq_len)
+    blocks = plan_num_blocks(model.cfg, param.dtype, param.device, 16, cfg["max_batch"], max_seq_len, **kv)
     runner = LocalRunner(model, slots=cfg["max_batch"], max_loras=cfg["max_loras"],
-                         max_lora_rank=cfg["max_lora_rank"], max_seq_len=cfg.get("max_seq_len"))
+                         max_lora_rank=cfg["max_lora_rank"], max_seq_len=max_seq_len, num_blocks=blocks)
     return runner, tok
 
 
@@ -90,6 +96,12 @@ class HerdServer:
         return await request.body()
 
     # ---- endpoints ------------------------------------------------------------------------------
+
+    def check_health(self) -> None:
+        """Ray Serve's replica health check: a runner that keeps failing gets the replica replaced."""
+        problem = self.engine.health()
+        if problem is not None:
+            raise RuntimeError(problem)
 
     @api.get("/health")
     def health(self) -> dict:
@@ -159,7 +171,7 @@ class HerdServer:
             if finish is None:  # the client went away: free the slot now
                 self.engine.cancel(req)
         if isinstance(finish, ErrorEvent):
-            return APIError(500, finish.message, code="engine_error").response()
+            return APIError(finish.status, finish.message, code=finish.code).response()
         self._count(req, finish)
         return JSONResponse(self._final_body(kind, rid, body.model, finish))
 
@@ -187,6 +199,8 @@ class HerdServer:
         self.metrics.completion_tokens.inc(finish.completion_tokens)
         if req.first_token_at is not None:
             self.metrics.ttft.observe(req.first_token_at - req.submitted)
+            if finish.completion_tokens > 1 and req.last_token_at is not None:
+                self.metrics.itl.observe((req.last_token_at - req.first_token_at) / (finish.completion_tokens - 1))
 
     @staticmethod
     def _usage(finish: FinishEvent) -> dict:

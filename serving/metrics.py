@@ -1,4 +1,4 @@
-"""Prometheus metrics of one replica: requests, tokens, time to first token, adapters."""
+"""Prometheus metrics of one replica: requests, tokens, latencies, KV blocks, adapters, GPU memory."""
 
 from __future__ import annotations
 
@@ -15,6 +15,13 @@ class ServerMetrics:
         self.completion_tokens = Counter("herd_completion_tokens", "Tokens generated", registry=r)
         self.ttft = Histogram("herd_time_to_first_token_seconds", "Time from arrival to the first token",
                               buckets=(0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30), registry=r)
+        self.itl = Histogram("herd_inter_token_latency_seconds", "Mean time between a request's tokens",
+                             buckets=(0.002, 0.005, 0.01, 0.02, 0.05, 0.1, 0.25, 0.5, 1, 2.5), registry=r)
+        self.kv_used = Gauge("herd_kv_blocks_used", "KV-cache blocks held by requests", registry=r)
+        self.kv_free = Gauge("herd_kv_blocks_free", "KV-cache blocks free", registry=r)
+        self.preemptions = Gauge("herd_preemptions", "Requests preempted (blocks ran out) since start", registry=r)
+        self.gpu_memory = Gauge("herd_gpu_memory_bytes", "GPU memory of this replica's process",
+                                ["kind"], registry=r)
         self.running = Gauge("herd_running_requests", "Requests in the running batch", registry=r)
         self.waiting = Gauge("herd_waiting_requests", "Requests waiting for a slot", registry=r)
         self.resident = Gauge("herd_resident_adapters", "LoRA adapters resident in this replica", registry=r)
@@ -24,8 +31,15 @@ class ServerMetrics:
     def render(self, snapshot: dict) -> bytes:
         self.running.set(snapshot["running"])
         self.waiting.set(snapshot["waiting"])
-        self.resident.set(len(snapshot["resident_adapters"]))
+        self.kv_used.set(snapshot.get("kv_blocks_used", 0))
+        self.kv_free.set(snapshot.get("kv_blocks_free", 0))
+        self.preemptions.set(snapshot.get("preemptions", 0))
+        import torch
+        if torch.cuda.is_available() and torch.cuda.is_initialized():
+            self.gpu_memory.labels(kind="allocated").set(torch.cuda.memory_allocated())
+            self.gpu_memory.labels(kind="reserved").set(torch.cuda.memory_reserved())
+        self.resident.set(len(snapshot.get("resident_adapters", [])))
         self.resident_info.clear()
-        for name in snapshot["resident_adapters"]:
+        for name in snapshot.get("resident_adapters", []):
             self.resident_info.labels(adapter=name).set(1)
         return generate_latest(self.registry)

@@ -19,7 +19,7 @@ from __future__ import annotations
 import logging
 import time
 from dataclasses import dataclass
-from typing import Protocol
+from typing import Callable, Protocol
 
 import torch
 
@@ -80,7 +80,8 @@ class LocalRunner:
 
     def __init__(self, model: Transformer, slots: int, max_loras: int, max_lora_rank: int,
                  max_seq_len: int | None = None, num_blocks: int | None = None, block_size: int = 16,
-                 cuda_graphs: bool | None = None, sample_on_this_rank: bool = True):
+                 cuda_graphs: bool | None = None, sample_on_this_rank: bool = True,
+                 prepare: Callable[[Transformer], object] | None = None):
         self.model = model.eval()
         self.cfg = model.cfg
         param = next(model.parameters())
@@ -95,6 +96,8 @@ class LocalRunner:
         self.cache.use_kernel = triton_available(self.device)
         self.lora_layers = attach_multi_lora(model, max_loras, max_lora_rank) if max_loras > 0 else {}
         self.sample_here = sample_on_this_rank
+        if prepare is not None:  # e.g. tensor parallelism's all-reduce wrappers, after LoRA, before packing
+            prepare(model)
         model.inv_freq = model.inv_freq.to(self.device)  # RoPE tables built on the device, never copied
         if self.device.type == "cuda":
             fuse_projections(model)
@@ -143,6 +146,7 @@ class LocalRunner:
         picks = torch.cat([first[:, None], logits.argmax(-1)], dim=1).tolist()  # one device->host copy
         return StepOutput([p[0] for p in picks], [p[1:] for p in picks])
 
+    @torch.inference_mode()
     def forward(self, tokens, positions, tables, loras, used: set[int], span: int | None,
                 last_index: torch.Tensor | None = None, all_active: bool = False) -> torch.Tensor:
         """The model over the cache: logits [B, V] at `last_index` (each row's last token), else [B, T, V]."""

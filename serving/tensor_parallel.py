@@ -1,14 +1,20 @@
-"""TP=N replicas: the Serve replica drives N Ray actors, one shard each, step by step.
+"""TP=N replicas: the Serve replica drives N Ray actors, one model shard each, step by step.
 
 Inside a Serve replica deployed with `placement_group_bundles` the workers go into bundles
-1..N of the replica's own placement group (bundle 0 is the replica). The gloo group (NCCL on
-GPU) is formed without port races: rank 0 opens a TCPStore on a free port and shares it.
-Every engine forward is one remote call per worker; rank 0 returns the logits.
+1..N of the replica's own placement group (bundle 0 is the replica). The process group (NCCL on
+GPUs, gloo on CPU) is formed without port races: rank 0 opens a TCPStore on a free port and
+shares it. Every rank runs the same `LocalRunner` over its shard and its share of the paged KV
+cache (the same block ids everywhere: the replica's scheduler plans one pool, sized by the
+rank with the least room); rank 0 samples on its device, so only token ids travel back, never
+logits. A worker that does not answer within `step_timeout_s` fails the step (and, repeated,
+the replica's health check) instead of hanging it.
+
+A step still reaches each worker as one Ray call (the inputs are a few small lists); vLLM's
+shared-memory broadcast of step inputs is not done here.
 """
 
 from __future__ import annotations
 
-import os
 import tempfile
 from pathlib import Path
 
@@ -19,17 +25,21 @@ from cluster.models import load_config, local_model_dir, model_prefix
 from cluster.storage import Storage, open_storage
 from llama.lora import LoraSpec
 from llama.tokenizer import Tokenizer
+from serving.runner import StepBatch, StepOutput
+
+DEFAULT_STEP_TIMEOUT_S = 120.0  # above a first step's warm-up on a loaded machine
 
 
 @ray.remote
 class TPWorker:
     def __init__(self, rank: int, world: int, storage_url: str, model: str, slots: int, max_loras: int,
                  max_lora_rank: int, max_seq_len: int | None, threads: int = 1, dtype: str = "auto"):
-        os.environ.setdefault("DS_ACCELERATOR", "cpu")
         torch.set_num_threads(threads)
         self.rank, self.world = rank, world
         self.args = (storage_url, model, slots, max_loras, max_lora_rank, max_seq_len, dtype)
         self._store = None
+        self.device = torch.device("cuda", torch.cuda.current_device()) if torch.cuda.is_available() \
+            else torch.device("cpu")
 
     def open_store(self) -> tuple[str, int]:
         """Rank 0: a TCPStore on a free port for the group to meet at."""
@@ -37,41 +47,45 @@ class TPWorker:
         self._store = torch.distributed.TCPStore(host, 0, self.world, is_master=True, wait_for_workers=False)
         return host, self._store.port
 
-    def join(self, host: str, port: int) -> None:
+    def join(self, host: str, port: int, kv_cache_gib: float | None = None,
+             gpu_memory_utilization: float = 0.9) -> int:
+        """Load this rank's shard; return how many KV blocks its device has room for."""
         import torch.distributed as dist
-        from llama.model import SlotKVCache
-        from llama.multi_lora import attach_multi_lora
-        from llama.packed_linear import pack_linears
-        from llama.tensor_parallel import load_shard, wrap_row_parallel
+        from llama.tensor_parallel import load_shard
         from llama.weights import inference_dtype
+        from serving.kv_blocks import plan_num_blocks
         if self._store is None:
             self._store = torch.distributed.TCPStore(host, port, self.world, is_master=False)
-        backend = "nccl" if torch.cuda.is_available() else "gloo"
+        backend = "nccl" if self.device.type == "cuda" else "gloo"
         dist.init_process_group(backend, store=self._store, rank=self.rank, world_size=self.world)
-        storage_url, model, slots, max_loras, max_lora_rank, max_seq_len, dtype = self.args
+        storage_url, model, slots, _, _, max_seq_len, dtype = self.args
         directory = local_model_dir(open_storage(storage_url), model)
-        dtype = inference_dtype(dtype, directory)
-        self.model = load_shard(directory, self.rank, self.world, dtype=dtype)
-        self.lora_layers = attach_multi_lora(self.model, max_loras, max_lora_rank) if max_loras else {}
-        wrap_row_parallel(self.model)
-        pack_linears(self.model)
+        self.dtype = inference_dtype(dtype, directory)
+        self.model = load_shard(directory, self.rank, self.world, dtype=self.dtype).to(self.device)
         cfg = self.model.cfg
-        self.cache = SlotKVCache(cfg, slots, max_seq_len or cfg.max_seq_len, dtype=dtype,
-                                 n_kv_heads=cfg.n_kv_heads // self.world)
+        self.max_seq_len = min(max_seq_len or cfg.max_seq_len, cfg.max_seq_len)
+        return plan_num_blocks(cfg, self.dtype, self.device, 16, slots, self.max_seq_len, kv_cache_gib,
+                               gpu_memory_utilization, n_kv_heads=cfg.n_kv_heads // self.world)
+
+    def allocate(self, num_blocks: int) -> None:
+        """The KV pool (the same size on every rank) and the runner over the shard."""
+        from llama.tensor_parallel import wrap_row_parallel
+        from serving.runner import LocalRunner
+        _, _, slots, max_loras, max_lora_rank, _, _ = self.args
+        self.runner = LocalRunner(self.model, slots, max_loras, max_lora_rank, self.max_seq_len,
+                                  num_blocks=num_blocks, cuda_graphs=False, sample_on_this_rank=self.rank == 0,
+                                  prepare=wrap_row_parallel)
 
     def shard_numel(self) -> int:
         from llama.packed_linear import weight_numel
         return weight_numel(self.model)
 
-    def forward(self, tokens, positions, rows, lora_slots, last_index=None, all_logits=False):
-        from serving.runner import slot_forward
-        logits = slot_forward(self.model, self.cache, self.lora_layers, tokens, positions, rows, lora_slots,
-                              last_index, all_logits)
-        return logits if self.rank == 0 else None
+    def execute(self, batch: StepBatch) -> StepOutput | None:
+        out = self.runner.execute(batch)
+        return out if self.rank == 0 else None
 
     def load_adapter(self, slot: int, spec: LoraSpec, state: dict) -> None:
-        from llama.multi_lora import load_into_slot
-        load_into_slot(self.lora_layers, slot, spec, state, tp_rank=self.rank, tp_world=self.world)
+        self.runner.load_adapter_shard(slot, spec, state, self.rank, self.world)
 
 
 def _tokenizer(storage: Storage, model: str) -> Tokenizer:
@@ -85,14 +99,21 @@ def _tokenizer(storage: Storage, model: str) -> Tokenizer:
 
 
 class TPRunner:
-    def __init__(self, workers: list, cfg, max_seq_len: int | None):
+    block_size = 16
+
+    def __init__(self, workers: list, cfg, max_seq_len: int, num_blocks: int,
+                 step_timeout_s: float = DEFAULT_STEP_TIMEOUT_S):
         self.workers = workers
         self.cfg = cfg
-        self.max_seq_len = max_seq_len or cfg.max_seq_len
+        self.max_seq_len = max_seq_len
+        self.num_blocks = num_blocks
+        self.step_timeout_s = step_timeout_s
 
     @classmethod
     def create(cls, storage: Storage, model: str, tp: int, slots: int, max_loras: int, max_lora_rank: int,
-               max_seq_len: int | None = None, worker_cpus: float = 0.5, dtype: str = "auto"):
+               max_seq_len: int | None = None, worker_cpus: float = 0.5, dtype: str = "auto",
+               kv_cache_gib: float | None = None, gpu_memory_utilization: float = 0.9,
+               step_timeout_s: float = DEFAULT_STEP_TIMEOUT_S):
         from ray.util.placement_group import get_current_placement_group
         from ray.util.scheduling_strategies import PlacementGroupSchedulingStrategy
         cfg = load_config(storage, model)
@@ -106,15 +127,17 @@ class TPRunner:
             workers.append(TPWorker.options(**options).remote(rank, tp, storage.url, model, slots, max_loras,
                                                               max_lora_rank, max_seq_len, dtype=dtype))
         host, port = ray.get(workers[0].open_store.remote())
-        ray.get([w.join.remote(host, port) for w in workers])
-        return cls(workers, cfg, max_seq_len), _tokenizer(storage, model)
+        blocks = ray.get([w.join.remote(host, port, kv_cache_gib, gpu_memory_utilization) for w in workers])
+        num_blocks = min(blocks)
+        ray.get([w.allocate.remote(num_blocks) for w in workers])
+        length = min(max_seq_len or cfg.max_seq_len, cfg.max_seq_len)
+        return cls(workers, cfg, length, num_blocks, step_timeout_s), _tokenizer(storage, model)
 
-    def forward(self, tokens, positions, rows, lora_slots, last_index=None, all_logits=False):
-        return ray.get([w.forward.remote(tokens, positions, rows, lora_slots, last_index, all_logits)
-                        for w in self.workers])[0]
+    def execute(self, batch: StepBatch) -> StepOutput:
+        return ray.get([w.execute.remote(batch) for w in self.workers], timeout=self.step_timeout_s)[0]
 
     def load_adapter(self, slot, spec, state):
-        ray.get([w.load_adapter.remote(slot, spec, state) for w in self.workers])
+        ray.get([w.load_adapter.remote(slot, spec, state) for w in self.workers], timeout=self.step_timeout_s)
 
     def shutdown(self) -> None:
         for w in self.workers:

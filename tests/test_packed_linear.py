@@ -74,7 +74,8 @@ def test_bf16_runner_with_adapters_tracks_fp32(tmp_path):
         runner = LocalRunner(make_model(CFG, seed=1).to(dtype), slots=3, max_loras=2, max_lora_rank=8)
         for slot, (spec, state) in enumerate(adapters, start=1):
             runner.load_adapter(slot, spec, state)
-        logits[dtype] = runner.forward(tokens, positions, torch.arange(3), torch.tensor([0, 1, 2]), all_logits=True)
+        tables = torch.arange(1, 4)[:, None] * 2 + torch.arange(2)[None] - 1  # rows own blocks 1-2, 3-4, 5-6
+        logits[dtype] = runner.forward(tokens, positions, tables, torch.tensor([0, 1, 2]), {1, 2}, span=7)
     ref, got = logits[torch.float32], logits[torch.bfloat16]
     assert got.dtype == torch.float32 and got.shape == ref.shape
     scale = ref.abs().max().item()
