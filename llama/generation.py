@@ -25,6 +25,7 @@ class SamplingParams:
     top_k: int = 0
     seed: int | None = None
     stop_ids: tuple[int, ...] = ()
+    ignore_eos: bool = False  # generate past EOS (benchmarks: vLLM's ignore_eos)
 
     def __post_init__(self) -> None:
         if self.max_tokens < 1:

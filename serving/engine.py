@@ -221,7 +221,7 @@ class Engine:
         elif end_of_step:
             self.itl.append(now - req.last_token_at)
         req.last_token_at = now
-        if token == self.tok.eos_id or token in req.params.stop_ids:
+        if (token == self.tok.eos_id and not req.params.ignore_eos) or token in req.params.stop_ids:
             self._finish(req, "stop")
             return
         req.generated.append(token)

@@ -187,3 +187,114 @@ def test_draft_reads_a_repeating_tail_cyclically():
     assert prompt_lookup_draft([1, 9, 4, 7, 7, 7], 8) == [7] * 8
     assert prompt_lookup_draft([1, 5, 6, 8, 5, 6, 8, 5], 8) == [6, 8, 5, 6, 8, 5, 6, 8]
     assert prompt_lookup_draft([1, 5, 6, 8, 2, 3], 8) == []  # nothing to copy
+
+
+def test_grouped_lora_equals_per_row_lora():
+    """The grouped multi-LoRA product (every resident adapter's A x in one matmul, each row keeping its
+    own columns) equals applying each row's adapter on its own: s * B_i (A_i x)."""
+    torch.manual_seed(0)
+    base = torch.nn.Linear(24, 40, bias=False)
+    from llama.multi_lora import LoraRows, MultiLoraLinear
+    rows = LoraRows(slots=3, max_rank=6, dtype=torch.float32, device="cpu")
+    layer = MultiLoraLinear(base, rows, max_rank=6)
+    ranks, scales = {1: 6, 2: 2, 3: 4}, {1: 0.5, 2: 2.0, 3: 1.5}
+    mats = {}
+    with torch.no_grad():
+        for slot, r in ranks.items():
+            a, b = torch.randn(r, 24), torch.randn(40, r)
+            mats[slot] = (a, b)
+            layer.A[:r, slot] = a
+            layer.B[:r, slot] = b.T
+            layer.loaded.add(slot)
+            rows.scaling[slot], rows.ranks[slot] = scales[slot], r
+        rows.r_eff = max(rows.ranks)
+        slots = torch.tensor([2, 0, 1, 3, 2, 1])
+        set_rows({"x": layer}, slots)
+        x = torch.randn(6, 5, 24)
+        got = layer(x)
+        for i, slot in enumerate(slots.tolist()):
+            want = base(x[i])
+            if slot:
+                a, b = mats[slot]
+                want = want + scales[slot] * (x[i] @ a.T) @ b.T
+            assert (got[i] - want).abs().max().item() <= 1e-5
+
+
+def test_streamed_text_is_exact_for_multibyte_characters(tokenizer_path):
+    """Byte-fallback pieces (accents, CJK, emoji) stream as whole characters: the deltas joined equal
+    the final text and no delta carries a replacement character."""
+    from serving.detokenizer import IncrementalDetokenizer
+    tok = Tokenizer(tokenizer_path)
+    text = "Perché è così? città 😀 fine 東京 ünïcödé"
+    ids = tok.encode(text, bos=False)
+    for stops in ((), ("ci",), ("😀 f",)):
+        d = IncrementalDetokenizer(tok, stops)
+        deltas = []
+        for t in ids:
+            d.add(t)
+            deltas.append(d.take())
+            if d.stopped:
+                break
+        d.finish()
+        deltas.append(d.take(final=True))
+        assert all("\ufffd" not in x for x in deltas)
+        assert "".join(deltas) == d.text
+        full = tok.decode(ids)
+        assert d.text == (full[: min(full.find(s) for s in stops)] if stops else full)
+
+
+def test_detokenizing_costs_a_bounded_number_of_tokens_per_token(tokenizer_path):
+    """Over a 4,096-token output each token is decoded a small constant number of times (counted)."""
+    from serving.detokenizer import IncrementalDetokenizer
+    tok = Tokenizer(tokenizer_path)
+    ids = (tok.encode("In the beginning God created the heaven and the earth. è 😀 ", bos=False) * 400)[:4096]
+    d = IncrementalDetokenizer(tok, ("never appears",))
+    for t in ids:
+        d.add(t)
+        d.take()
+    assert d.text == tok.decode(ids)
+    assert d.decoded_tokens / len(ids) < 12
+
+
+def test_adapter_download_does_not_stall_decoding(tokenizer_path, adapters):
+    """While one adapter's fetch is held for 3 s, a running request keeps getting tokens and the
+    engine keeps answering; the waiting request is served once the fetch completes."""
+    import threading
+    import time
+    release = threading.Event()
+
+    def slow_loader(key):
+        release.wait(timeout=30)
+        return adapters[key]
+    runner = NoEosRunner(make_model(CFG, seed=1), slots=4, max_loras=2, max_lora_rank=8)
+    engine = Engine(runner, Tokenizer(tokenizer_path), slots=4, max_loras=2, adapter_loader=slow_loader,
+                    speculate_tokens=0)
+    running, q1 = _collect(engine, [1, 5, 6], SamplingParams(max_tokens=4000))
+    q1.get(timeout=60)
+    _, q2 = _collect(engine, [1, 7, 8], SamplingParams(max_tokens=5), adapter=("a0", "v1"))
+    steps_before = engine.stats["decode_steps"]
+    deadline = time.monotonic() + 3
+    while time.monotonic() < deadline:
+        assert engine.snapshot()["waiting"] == 1  # answers at once: the lock is not held by the fetch
+        time.sleep(0.1)
+    assert engine.stats["decode_steps"] > steps_before + 5  # decoding went on during the fetch
+    release.set()
+    assert isinstance(_wait(q2)[-1], FinishEvent)
+    engine.cancel(running)
+    _wait(q1)
+    engine.shutdown()
+
+
+def test_runner_failures_make_the_engine_unhealthy(tokenizer_path):
+    class Broken(LocalRunner):
+        def execute(self, batch):
+            raise RuntimeError("CUDA error: an illegal memory access was encountered")
+    engine = Engine(Broken(make_model(CFG, seed=1), slots=2, max_loras=0, max_lora_rank=8),
+                    Tokenizer(tokenizer_path), slots=2)
+    assert engine.health() is None
+    for _ in range(3):
+        _, q = _collect(engine, [1, 5], SamplingParams(max_tokens=3))
+        ev = _wait(q)[-1]
+        assert isinstance(ev, ErrorEvent) and "illegal memory access" in ev.message
+    assert "failed 3 steps in a row" in engine.health()
+    engine.shutdown()

@@ -96,10 +96,16 @@ def test_tp2_runner_matches_tp1(tp_storage):
         spec_state = AdapterRegistry(storage).load("tpa")[3:]
         for runner in (tp, one):
             runner.load_adapter(1, *spec_state)
-        tokens = torch.randint(0, 1000, (2, 12), generator=torch.Generator().manual_seed(1))
-        positions = torch.arange(12).expand(2, 12)
-        args = (tokens, positions, torch.tensor([0, 1]), torch.tensor([0, 1]))
-        assert (tp.forward(*args) - one.forward(*args)).abs().max().item() <= 1e-5
+        from llama.sampler import SamplingBatch
+        from serving.runner import StepBatch
+        tokens = torch.randint(0, 1000, (2, 12), generator=torch.Generator().manual_seed(1)).tolist()
+        # the argmax after every position (greedy verification) and a seeded sample, TP=2 against TP=1;
+        # rank 0 sends back only ids (the shard logits equal the full model's: test_sharded_forward_equals_full)
+        batch = StepBatch(tokens, [0, 0], [[1], [2]], [0, 1], SamplingBatch([0.0, 1.0], [1.0, 0.9], [0, 0], [0, 7],
+                                                                          [0, 0]), verify=True)
+        assert tp.num_blocks == one.num_blocks
+        got, want = tp.execute(batch), one.execute(batch)
+        assert got.picks == want.picks and got.sampled == want.sampled
         import queue
         outs = {}
         for name, runner in (("tp", tp), ("one", one)):
