@@ -27,10 +27,18 @@ class RMSNorm(nn.Module):
         self.weight = nn.Parameter(torch.ones(dim))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        # Normalise in fp32 whatever the activation dtype, as both references do.
-        xf = x.float()
-        xf = xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + self.eps)
-        return self.weight * xf.to(x.dtype)
+        return ELEMENTWISE["rms_norm"](x, self.weight, self.eps)
+
+
+def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
+    # Normalise in fp32 whatever the activation dtype, as both references do.
+    xf = x.float()
+    xf = xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + eps)
+    return weight * xf.to(x.dtype)
+
+
+def silu_mul(gate: torch.Tensor, up: torch.Tensor) -> torch.Tensor:
+    return F.silu(gate) * up
 
 
 def rope_inv_freq(head_dim: int, theta: float) -> torch.Tensor:
@@ -53,6 +61,31 @@ def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.T
     """x: [B, H, T, D]; cos/sin: [B, T, D]."""
     cos, sin = cos[:, None], sin[:, None]
     return x * cos + _rotate_half(x) * sin
+
+
+# The memory-bound elementwise steps of a layer. Eager, each is several kernels and passes over
+# the activations; `compile_elementwise` swaps in torch.compile'd versions (one fused kernel
+# each) for a GPU serving process. Training and CPU inference keep the eager ones.
+ELEMENTWISE = {"rms_norm": rms_norm, "apply_rope": apply_rope, "silu_mul": silu_mul}
+
+
+EAGER_ELEMENTWISE = dict(ELEMENTWISE)
+
+
+def compile_elementwise(device: torch.device, dtype: torch.dtype) -> bool:
+    """Fuse RMSNorm, RoPE and SwiGLU's SiLU-multiply with torch.compile (Triton kernels on CUDA),
+    after a trial run of each on `device`. Returns False, keeping the eager versions, where
+    torch.compile does not work (no compiler, an unsupported device)."""
+    try:
+        compiled = {name: torch.compile(fn, dynamic=True, fullgraph=True) for name, fn in EAGER_ELEMENTWISE.items()}
+        x = torch.randn(2, 3, 8, device=device, dtype=dtype)
+        for name, args in (("rms_norm", (x, torch.ones(8, device=device, dtype=dtype), 1e-5)),
+                           ("apply_rope", (x[:, None], x, x)), ("silu_mul", (x, x))):
+            torch.testing.assert_close(compiled[name](*args), EAGER_ELEMENTWISE[name](*args))
+    except Exception:  # noqa: BLE001 - an optimisation only
+        return False
+    ELEMENTWISE.update(compiled)
+    return True
 
 
 class KVCache(Protocol):
@@ -123,7 +156,8 @@ class Attention(nn.Module):
         q = q.view(b, t, -1, self.head_dim).transpose(1, 2)
         k = k.view(b, t, -1, self.head_dim).transpose(1, 2)
         v = v.view(b, t, -1, self.head_dim).transpose(1, 2)
-        q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
+        rope = ELEMENTWISE["apply_rope"]
+        q, k = rope(q, cos, sin), rope(k, cos, sin)
         mask = None
         if cache is not None:
             k, v = cache.update(layer, k, v)
@@ -186,7 +220,7 @@ class FeedForward(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         gate, up = self.w13(x) if hasattr(self, "w13") else (self.w1(x), self.w3(x))
-        return self.w2(F.silu(gate) * up)
+        return self.w2(ELEMENTWISE["silu_mul"](gate, up))
 
 
 class TransformerBlock(nn.Module):

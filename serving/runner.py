@@ -25,7 +25,7 @@ import torch
 
 from llama.config import LlamaConfig
 from llama.lora import LoraSpec
-from llama.model import Transformer, fuse_projections
+from llama.model import Transformer, compile_elementwise, fuse_projections
 from llama.multi_lora import attach_multi_lora, load_into_slot, set_rows
 from llama.packed_linear import pack_linears
 from llama.paged_attention import triton_available
@@ -101,6 +101,7 @@ class LocalRunner:
         model.inv_freq = model.inv_freq.to(self.device)  # RoPE tables built on the device, never copied
         if self.device.type == "cuda":
             fuse_projections(model)
+            self.compiled = compile_elementwise(self.device, self.dtype)
         else:
             pack_linears(model)
         self.graphs = GraphPool(self, slots) if (self.device.type == "cuda" if cuda_graphs is None
