@@ -16,6 +16,7 @@ import ray
 import torch
 
 from cluster.models import load_config, local_model_dir, model_prefix
+from cluster.placement import dist_backend, torch_device, tp_worker_options
 from cluster.storage import Storage, open_storage
 from llama.lora import LoraSpec
 from llama.tokenizer import Tokenizer
@@ -24,10 +25,11 @@ from llama.tokenizer import Tokenizer
 @ray.remote
 class TPWorker:
     def __init__(self, rank: int, world: int, storage_url: str, model: str, slots: int, max_loras: int,
-                 max_lora_rank: int, max_seq_len: int | None, threads: int = 1, dtype: str = "auto"):
-        os.environ.setdefault("DS_ACCELERATOR", "cpu")
+                 max_lora_rank: int, max_seq_len: int | None, threads: int = 1, dtype: str = "auto",
+                 device: str = "cpu"):
+        os.environ.setdefault("DS_ACCELERATOR", "cpu" if device == "cpu" else "cuda")
         torch.set_num_threads(threads)
-        self.rank, self.world = rank, world
+        self.rank, self.world, self.device = rank, world, device
         self.args = (storage_url, model, slots, max_loras, max_lora_rank, max_seq_len, dtype)
         self._store = None
 
@@ -46,18 +48,23 @@ class TPWorker:
         from llama.weights import inference_dtype
         if self._store is None:
             self._store = torch.distributed.TCPStore(host, port, self.world, is_master=False)
-        backend = "nccl" if torch.cuda.is_available() else "gloo"
-        dist.init_process_group(backend, store=self._store, rank=self.rank, world_size=self.world)
+        dist.init_process_group(dist_backend(self.device), store=self._store, rank=self.rank, world_size=self.world)
         storage_url, model, slots, max_loras, max_lora_rank, max_seq_len, dtype = self.args
         directory = local_model_dir(open_storage(storage_url), model)
-        dtype = inference_dtype(dtype, directory)
-        self.model = load_shard(directory, self.rank, self.world, dtype=dtype)
+        device = torch_device(self.device)
+        dtype = inference_dtype(dtype, directory, device)
+        self.model = load_shard(directory, self.rank, self.world, dtype=dtype, device=device)
         self.lora_layers = attach_multi_lora(self.model, max_loras, max_lora_rank) if max_loras else {}
         wrap_row_parallel(self.model)
         pack_linears(self.model)
         cfg = self.model.cfg
         self.cache = SlotKVCache(cfg, slots, max_seq_len or cfg.max_seq_len, dtype=dtype,
                                  n_kv_heads=cfg.n_kv_heads // self.world)
+
+    def placement(self) -> dict:
+        """Where this worker landed: its node and the GPUs Ray made visible to it."""
+        return {"rank": self.rank, "node_id": ray.get_runtime_context().get_node_id(),
+                "cuda_visible_devices": os.environ.get("CUDA_VISIBLE_DEVICES"), "gpu_ids": ray.get_gpu_ids()}
 
     def shard_numel(self) -> int:
         from llama.packed_linear import weight_numel
@@ -92,21 +99,25 @@ class TPRunner:
 
     @classmethod
     def create(cls, storage: Storage, model: str, tp: int, slots: int, max_loras: int, max_lora_rank: int,
-               max_seq_len: int | None = None, worker_cpus: float = 0.5, dtype: str = "auto"):
+               max_seq_len: int | None = None, worker_cpus: float = 0.5, dtype: str = "auto", device: str = "cpu",
+               setup_timeout_s: float | None = None):
+        """Start the group; a worker that cannot be placed or load its shard within `setup_timeout_s`
+        fails the replica (Serve retries it) instead of leaving it waiting forever."""
         from ray.util.placement_group import get_current_placement_group
-        from ray.util.scheduling_strategies import PlacementGroupSchedulingStrategy
         cfg = load_config(storage, model)
         pg = get_current_placement_group()
-        workers = []
-        for rank in range(tp):
-            options: dict = {"num_cpus": worker_cpus}
-            if pg is not None:
-                options["scheduling_strategy"] = PlacementGroupSchedulingStrategy(
-                    placement_group=pg, placement_group_bundle_index=rank + 1)
-            workers.append(TPWorker.options(**options).remote(rank, tp, storage.url, model, slots, max_loras,
-                                                              max_lora_rank, max_seq_len, dtype=dtype))
-        host, port = ray.get(workers[0].open_store.remote())
-        ray.get([w.join.remote(host, port) for w in workers])
+        workers = [TPWorker.options(**tp_worker_options(device, worker_cpus, pg, rank)).remote(
+            rank, tp, storage.url, model, slots, max_loras, max_lora_rank, max_seq_len, dtype=dtype, device=device)
+            for rank in range(tp)]
+        timeout = setup_timeout_s or 600.0
+        try:
+            host, port = ray.get(workers[0].open_store.remote(), timeout=timeout)
+            ray.get([w.join.remote(host, port) for w in workers], timeout=timeout)
+        except ray.exceptions.GetTimeoutError:
+            for w in workers:
+                ray.kill(w)
+            raise TimeoutError(f"TP={tp} workers were not placed and loaded within {timeout:.0f}s "
+                               "(tp_setup_timeout_s); check the cluster's free CPUs/GPUs") from None
         return cls(workers, cfg, max_seq_len), _tokenizer(storage, model)
 
     def forward(self, tokens, positions, rows, lora_slots, last_index=None, all_logits=False):
