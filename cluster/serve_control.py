@@ -69,8 +69,9 @@ def deploy(storage: Storage, args: dict, address: str | None, port: int = 8000, 
 
     With `dry_run` nothing is contacted: the Serve config is returned as it would be deployed
     (a device left at 'auto' is then decided by `serving.app:build_app` on the cluster)."""
-    if dry_run:
-        env = forwarded_env(_PASS_ENV)
+    if dry_run:  # printed: secrets are shown as the variable they would come from
+        env = {k: f"${{{k}}}" if any(w in k for w in ("KEY", "SECRET", "TOKEN", "PASSWORD")) else v
+               for k, v in forwarded_env(_PASS_ENV).items()}
         return serve_config(args, storage.url, port, env, _bind_host(address))
     if not model_exists(storage, args["model"]):
         raise ValueError(f"unknown model {args['model']!r} in {storage.url}; see `herd models list`")
