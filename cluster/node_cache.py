@@ -22,6 +22,7 @@ import json
 import os
 import shutil
 import socket
+import sys
 import time
 import uuid
 from contextlib import contextmanager
@@ -84,7 +85,12 @@ def verify(directory: Path, manifest: dict) -> None:
             raise CacheError(f"{path}: checksum differs from the manifest (a changed or corrupt upload)")
 
 
-def ensure_cached(storage, prefix: str, name: str, manifest: dict, say=print) -> Path:
+def _progress(message: str) -> None:
+    """To stderr: a replica's log shows it; a CLI's --json output on stdout stays clean."""
+    print(message, file=sys.stderr, flush=True)
+
+
+def ensure_cached(storage, prefix: str, name: str, manifest: dict, say=_progress) -> Path:
     """The local folder of the model at `prefix`, downloading it once per node under a lock."""
     root = models_cache_dir()
     target = root / f"{name}-{manifest_key(manifest)}"
@@ -95,13 +101,13 @@ def ensure_cached(storage, prefix: str, name: str, manifest: dict, say=print) ->
             return target
         total = sum(f.get("size", 0) for f in manifest["files"].values())
         say(f"[herd] downloading model {name!r} ({len(manifest['files'])} files, {total / 1e9:.2f} GB) "
-            f"into {target}", flush=True)
+            f"into {target}")
         start = time.time()
         staging = root / f".{target.name}.{os.getpid()}-{uuid.uuid4().hex[:8]}"
         try:
             for i, file in enumerate(sorted(manifest["files"]), start=1):
                 storage.download_file(f"{prefix}/{file}", staging / file)
-                say(f"[herd] {name}: {i}/{len(manifest['files'])} files", flush=True)
+                say(f"[herd] {name}: {i}/{len(manifest['files'])} files")
             verify(staging, manifest)
             staging.rename(target)
         finally:
