@@ -81,11 +81,12 @@ app = typer.Typer(name="herd", help="Fine-tune and serve Llama 2 models on a Ray
 
 
 def _register() -> None:
-    from cluster import commands_adapters, commands_finetune, commands_models, commands_serve
+    from cluster import commands_adapters, commands_finetune, commands_models, commands_plan, commands_serve
     commands_models.register(app)
     commands_adapters.register(app)
     commands_finetune.register(app)
     commands_serve.register(app)
+    commands_plan.register(app)
 
 
 _register()

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import enum
 import os
 import sys
 from typing import Annotated
@@ -10,6 +11,17 @@ import typer
 
 from cluster.cli import Dtype, DtypeOpt, JsonOpt, StorageOpt, UsageProblem, emit, out_console, run_guarded
 from cluster.commands_finetune import AddressOpt, _say
+
+class Device(str, enum.Enum):
+    auto = "auto"
+    cpu = "cpu"
+    cuda = "cuda"
+
+
+def yaml_dump(config: dict) -> str:
+    import yaml
+    return yaml.safe_dump(config, sort_keys=False).rstrip()
+
 
 serve_app = typer.Typer(help="The OpenAI-compatible endpoint on Ray Serve.", no_args_is_help=True)
 
@@ -42,6 +54,19 @@ def serve_deploy(
         "--speculate-tokens", min=0, max=32,
         help="prompt-lookup draft tokens per greedy request while few run (0: off)")] = 8,
     dtype: DtypeOpt = Dtype.auto,
+    device: Annotated[Device, typer.Option(
+        "--device", help="auto: cuda when the cluster has GPUs (one per TP=1 replica or TP worker), else cpu")
+    ] = Device.auto,
+    max_seq_len: Annotated[int | None, typer.Option("--max-seq-len", min=1,
+                                                    help="context cap per request (default: the model's)")] = None,
+    gpu_memory_utilization: Annotated[float | None, typer.Option(
+        "--gpu-memory-utilization", min=0.05, max=1.0, help="fraction of GPU memory for weights + KV cache")] = None,
+    kv_cache_gib: Annotated[float | None, typer.Option("--kv-cache-gib", min=0.001,
+                                                       help="KV cache size per replica (overrides the fraction)")] = None,
+    timeout: Annotated[float, typer.Option("--timeout", min=1, help="seconds to wait for /health "
+                                                                    "(weights download and load included)")] = 600,
+    dry_run: Annotated[bool, typer.Option("--dry-run", help="print the Serve config (RayService serveConfigV2 "
+                                                            "format) instead of deploying")] = False,
     address: AddressOpt = None, storage: StorageOpt = None, json_: JsonOpt = False,
 ) -> None:
     """Deploy the endpoint; returns once it answers /health."""
@@ -58,8 +83,17 @@ def serve_deploy(
                 "look_back_period_s": look_back_period_s, "metrics_interval_s": metrics_interval_s,
                 "replica_cpus": replica_cpus, "worker_cpus": worker_cpus, "threads": threads,
                 "stream_interval": stream_interval, "stream_interval_ms": stream_interval_ms,
-                "speculate_tokens": speculate_tokens, "dtype": dtype.value}
-        result = serve_control.deploy(open_storage(storage), args, address, port=port, say=_say)
+                "speculate_tokens": speculate_tokens, "dtype": dtype.value, "device": device.value,
+                "max_seq_len": max_seq_len, "gpu_memory_utilization": gpu_memory_utilization,
+                "kv_cache_gib": kv_cache_gib, "tp_setup_timeout_s": timeout}
+        if dry_run:
+            config = serve_control.deploy(open_storage(storage), args, address, port=port, dry_run=True)
+            if json_:
+                emit(config, True)
+            else:
+                print(yaml_dump(config))  # plain: rich would read YAML's [..] as markup
+            return
+        result = serve_control.deploy(open_storage(storage), args, address, port=port, wait_s=timeout, say=_say)
         emit(result, json_, f"endpoint ready: {result['endpoint']}/v1 serving {model!r} "
                             f"({result['running_replicas']} replica(s), TP={tp})")
     run_guarded(body)

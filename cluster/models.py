@@ -1,24 +1,23 @@
 """Base models in the storage root: `models/<name>/` in Hugging Face layout.
 
-Herd's model code reads local folders; a model on S3 is mirrored once into a local cache
-(keyed by storage URL and name) and reused while its file list and sizes are unchanged.
+Herd's model code reads local folders; a model on S3 is mirrored once per node into that node's
+cache (`node_cache.py`), keyed by the sizes and sha256 checksums that import writes into the
+model's `manifest.json`: a model re-imported under the same name with other weights gets a new
+cache entry, and a download that does not match the manifest is never used.
 """
 
 from __future__ import annotations
 
-import hashlib
 import json
-import os
-import shutil
 import tempfile
-import uuid
 from pathlib import Path
 
 from cluster.names import check_name
+from cluster.node_cache import MANIFEST, build_manifest, ensure_cached
 from cluster.storage import NotFound, Storage
 from llama.config import LlamaConfig
 from llama.meta_format import is_meta_dir, load_meta_checkpoint
-from llama.tiny import cache_dir, create_tiny
+from llama.tiny import create_tiny
 from llama.tokenizer import Tokenizer
 from llama.weights import INDEX_FILE, check_state_dict, inference_dtype, load_model, load_safetensors, \
     save_safetensors, state_dict_from_hf, state_dict_to_hf
@@ -68,11 +67,14 @@ def _validate_hf_dir(directory: Path) -> LlamaConfig:
 
 
 def _publish_dir(storage: Storage, directory: Path, name: str) -> None:
-    """Upload weights and tokenizer first, config.json last: a model without it is not listed."""
+    """Upload weights, tokenizer and their manifest (sizes, sha256) first, config.json last: a model
+    without it is not listed."""
     prefix = model_prefix(name)
     files = sorted(str(p.relative_to(directory)) for p in directory.iterdir()
                    if p.is_file() and (p.suffix == ".safetensors" or p.name in (INDEX_FILE, "tokenizer.model")))
     storage.upload_dir(directory, prefix, files)
+    storage.write_text(f"{prefix}/{MANIFEST}", json.dumps(build_manifest(directory, files + ["config.json"]),
+                                                          indent=1, sort_keys=True) + "\n")
     storage.upload_file(directory / "config.json", f"{prefix}/config.json")
 
 
@@ -120,24 +122,17 @@ def local_model_dir(storage: Storage, name: str) -> Path:
     local = storage.local_path(prefix)
     if local is not None:
         return local
-    keys = storage.list_keys(prefix)
-    tag = hashlib.sha256(f"{storage.url}|{name}|{'|'.join(keys)}".encode()).hexdigest()[:16]
-    target = cache_dir() / "models" / f"{name}-{tag}"
-    if not target.is_dir():
-        # Several workers on one node may race here: each downloads into its own folder and
-        # renames it into place; the loser throws its copy away.
-        staging = target.with_name(f".{target.name}.{os.getpid()}-{uuid.uuid4().hex[:8]}")
-        storage.download_dir(prefix, staging)
-        try:
-            staging.rename(target)
-        except OSError:
-            shutil.rmtree(staging, ignore_errors=True)
-    return target
+    try:
+        manifest = json.loads(storage.read_text(f"{prefix}/{MANIFEST}"))
+    except NotFound:  # imported before manifests existed: key by file names, nothing to verify
+        manifest = {"files": {k.split("/", 2)[-1]: {} for k in storage.list_keys(prefix)}}
+    return ensure_cached(storage, prefix, name, manifest)
 
 
-def load_base(storage: Storage, name: str, dtype: str = "auto", **kwargs):
-    """(model, tokenizer) for a stored base model, in the dtype a `--dtype` choice names."""
+def load_base(storage: Storage, name: str, dtype: str = "auto", device: str = "cpu", **kwargs):
+    """(model, tokenizer) for a stored base model, in the dtype a `--dtype` choice names, its
+    weights read straight onto `device` (a GPU gets bf16 tensors, never a host fp32 copy)."""
     directory = local_model_dir(storage, name)
-    return (load_model(directory, dtype=inference_dtype(dtype, directory), **kwargs),
+    return (load_model(directory, dtype=inference_dtype(dtype, directory, device), device=device, **kwargs),
             Tokenizer(directory / "tokenizer.model"))
 

@@ -36,8 +36,12 @@ def _dashboard_port() -> int:
 
 def forwarded_env(prefixes: tuple[str, ...]) -> dict[str, str]:
     """This process's variables that start with `prefixes`: what a job or replica on the cluster
-    needs to reach the same storage (S3 endpoint and credentials, HERD_*) and DeepSpeed's caches."""
-    return {k: v for k, v in os.environ.items() if k.startswith(prefixes)}
+    needs to reach the same storage (S3 endpoint and credentials, HERD_*) and DeepSpeed's caches.
+    Paths that belong to each node (the model cache) stay the nodes' own."""
+    return {k: v for k, v in os.environ.items() if k.startswith(prefixes) and k not in NODE_LOCAL_ENV}
+
+
+NODE_LOCAL_ENV = frozenset({"HERD_CACHE_DIR"})
 
 
 def local_dashboard_url() -> str:

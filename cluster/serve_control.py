@@ -13,7 +13,7 @@ import time
 import urllib.request
 
 from cluster.models import model_exists
-from cluster.ray_cluster import ensure_cluster, forwarded_env, job_api_url
+from cluster.ray_cluster import ensure_cluster, forwarded_env, job_api_url, resolve_address
 from cluster.storage import Storage, StorageError
 
 APP_NAME = "herd"
@@ -38,9 +38,41 @@ def _http_ok(url: str, timeout: float = 3.0) -> bool:
         return False
 
 
-def deploy(storage: Storage, args: dict, address: str | None, port: int = 8000, wait_s: float = 300,
-           say=print) -> dict:
-    """Deploy (or update) the endpoint; returns its base URL once /health answers."""
+def serve_config(args: dict, storage_url: str, port: int, env: dict[str, str], host: str) -> dict:
+    """The Serve config Herd deploys, in the schema of `serve deploy` files and a RayService's
+    `serveConfigV2` (ray.serve.schema.ServeDeploySchema)."""
+    return {
+        "proxy_location": "HeadOnly",
+        "http_options": {"host": host, "port": port},
+        "applications": [{"name": APP_NAME, "route_prefix": "/", "import_path": "serving.app:build_app",
+                          "args": {**args, "storage": storage_url}, "runtime_env": {"env_vars": env}}],
+    }
+
+
+def _bind_host(address: str | None) -> str:
+    """Loopback for the local head; every interface on a cluster Herd did not start (HERD_SERVE_HOST wins)."""
+    return os.environ.get("HERD_SERVE_HOST") or ("127.0.0.1" if resolve_address(address) is None else "0.0.0.0")
+
+
+def place(args: dict, url: str) -> dict:
+    """Decide the device (auto -> cuda when the cluster has GPUs) and check that cuda replicas fit."""
+    from cluster.placement import check_gpus, cluster_nodes, resolve_device
+    nodes = cluster_nodes(url)
+    device = resolve_device(args.get("device", "auto"), nodes)
+    check_gpus(device, int(args.get("tp", 1)), max(1, int(args.get("min_replicas", 1))), nodes)
+    return {**args, "device": device}
+
+
+def deploy(storage: Storage, args: dict, address: str | None, port: int = 8000, wait_s: float = 600,
+           say=print, dry_run: bool = False) -> dict:
+    """Deploy (or update) the endpoint; returns its base URL once /health answers.
+
+    With `dry_run` nothing is contacted: the Serve config is returned as it would be deployed
+    (a device left at 'auto' is then decided by `serving.app:build_app` on the cluster)."""
+    if dry_run:  # printed: secrets are shown as the variable they would come from
+        env = {k: f"${{{k}}}" if any(w in k for w in ("KEY", "SECRET", "TOKEN", "PASSWORD")) else v
+               for k, v in forwarded_env(_PASS_ENV).items()}
+        return serve_config(args, storage.url, port, env, _bind_host(address))
     if not model_exists(storage, args["model"]):
         raise ValueError(f"unknown model {args['model']!r} in {storage.url}; see `herd models list`")
     if args.get("tp", 1) > 1:
@@ -50,27 +82,34 @@ def deploy(storage: Storage, args: dict, address: str | None, port: int = 8000, 
             raise ValueError(f"--tp {args['tp']} must divide the model's {cfg.n_heads} heads and "
                              f"{cfg.n_kv_heads} key/value heads")
     url = ensure_cluster(address, say)
+    args = place(args, url)
     env = forwarded_env(_PASS_ENV)
-    env.setdefault("DS_ACCELERATOR", "cpu")
-    config = {
-        "proxy_location": "HeadOnly",
-        "http_options": {"host": os.environ.get("HERD_SERVE_HOST", "127.0.0.1"), "port": port},
-        "applications": [{"name": APP_NAME, "route_prefix": "/", "import_path": "serving.app:build_app",
-                          "args": {**args, "storage": storage.url}, "runtime_env": {"env_vars": env}}],
-    }
-    _client(url).deploy_applications(config)
-    endpoint = f"http://127.0.0.1:{port}"
-    deadline = time.time() + wait_s
-    last = None
-    while time.time() < deadline:
+    env.setdefault("DS_ACCELERATOR", "cpu" if args["device"] == "cpu" else "cuda")
+    _client(url).deploy_applications(serve_config(args, storage.url, port, env, _bind_host(address)))
+    return wait_ready(address, url, wait_s, say)
+
+
+def wait_ready(address: str | None, url: str, wait_s: float, say=print, every_s: float = 10.0) -> dict:
+    """Poll until the app is RUNNING and its /health answers where Serve's proxy runs; say what the
+    replicas are doing meanwhile (a 70B cold start downloads and loads weights for minutes)."""
+    start = time.time()
+    last, endpoint, shown = None, None, 0.0
+    while time.time() - start < wait_s:
         last = app_status(address)
         if last and last["status"] in ("DEPLOY_FAILED", "UNHEALTHY"):
             raise ServeError(f"deployment failed: {last.get('message') or last['status']}")
-        if last and last["status"] == "RUNNING" and _http_ok(f"{endpoint}/health"):
-            return {"endpoint": endpoint, **last}
+        if last:
+            endpoint = last["endpoint"]
+            if last["status"] == "RUNNING" and _http_ok(f"{endpoint}/health"):
+                return {**last, "endpoint": endpoint}
+        if time.time() - shown >= every_s:
+            shown = time.time()
+            if last:
+                say(f"[{time.time() - start:4.0f}s] {last['status']}: replicas "
+                    f"{', '.join(last['replicas']) or 'not started'} (loading weights)")
         time.sleep(1)
-    raise ServeError(f"the endpoint did not answer {endpoint}/health within {wait_s:.0f}s "
-                     f"(last status: {last and last['status']}); see the Ray dashboard at {url}")
+    raise ServeError(f"the endpoint did not answer {endpoint or 'its'}/health within {wait_s:.0f}s (--timeout; "
+                     f"last status: {last and last['status']}); see the Ray dashboard at {url}")
 
 
 def app_status(address: str | None) -> dict | None:
@@ -81,11 +120,21 @@ def app_status(address: str | None) -> dict | None:
         return None
     deployment = (app.get("deployments") or {}).get(DEPLOYMENT, {})
     replicas = [r.get("state") for r in deployment.get("replicas", [])]
-    http = details.get("http_options") or {}
     args = ((app.get("deployed_app_config") or {}).get("args")) or {}
     return {"status": app.get("status"), "message": app.get("message", ""), "replicas": replicas,
             "running_replicas": sum(1 for r in replicas if r == "RUNNING"), "args": args,
-            "endpoint": f"http://127.0.0.1:{http.get('port', 8000)}"}
+            "endpoint": endpoint_of(details)}
+
+
+def endpoint_of(details: dict) -> str:
+    """The endpoint's URL as the cluster reports it: the bound host, or the node IP of Serve's
+    proxy when it listens on every interface (a head that is not this machine)."""
+    http = details.get("http_options") or {}
+    host = http.get("host") or "127.0.0.1"
+    if host in ("0.0.0.0", "::"):
+        ips = sorted(p["node_ip"] for p in (details.get("proxies") or {}).values() if p.get("node_ip"))
+        host = ips[0] if ips else host
+    return f"http://{host}:{http.get('port', 8000)}"
 
 
 def scale(address: str | None, min_replicas: int, max_replicas: int, say=print) -> dict:

@@ -134,9 +134,17 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--job-id", required=True)
     parser.add_argument("--storage", default=os.environ.get("HERD_STORAGE"))
     parser.add_argument("--resume", action="store_true")
+    parser.add_argument("--spec", help="create the job from this spec file first (a RayJob; see infra/)")
+    parser.add_argument("--data", help="with --spec: the JSONL training data")
     args = parser.parse_args(argv)
     os.environ.setdefault("DS_ACCELERATOR", "cpu")
     storage_url = open_storage(args.storage).url
+    if args.spec:
+        from cluster.job_spec_file import ensure_job
+        created = ensure_job(open_storage(storage_url), args.job_id, args.spec, args.data)
+        if not created and JobStore(open_storage(storage_url)).read(args.job_id)["state"] == "SUCCEEDED":
+            return 0  # a retried entrypoint of a finished job: nothing left to do
+        args.resume = args.resume or not created  # an entrypoint retried by KubeRay continues the job
     return run(args.job_id, storage_url, args.resume)
 
 

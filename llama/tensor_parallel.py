@@ -58,8 +58,12 @@ def _tensor_files(directory: Path) -> dict[str, Path]:
     return {}
 
 
-def load_shard(directory: str | Path, rank: int, world: int, dtype: torch.dtype = torch.float32) -> Transformer:
+def load_shard(directory: str | Path, rank: int, world: int, dtype: torch.dtype = torch.float32,
+               device: torch.device | str = "cpu") -> Transformer:
     """This rank's shard of a stored HF-layout model, row-parallel layers wrapped in AllReduce.
+
+    Each slice goes to `device` in `dtype` as it is read: a rank's GPU gets its shard without a
+    host copy of more than one tensor.
 
     Call `attach_multi_lora` on the result before `wrap_row_parallel` if adapters are needed.
     """
@@ -94,8 +98,9 @@ def load_shard(directory: str | Path, rank: int, world: int, dtype: torch.dtype 
                 state[name] = piece[:, rank * cols:(rank + 1) * cols]
             else:
                 state[name] = piece[:]
+            state[name] = state[name].to(device=device, dtype=dtype)
     model.load_state_dict(state, assign=True)
-    return model.to(dtype).eval()
+    return model.to(device=device, dtype=dtype).eval()
 
 
 def wrap_row_parallel(model: Transformer, group=None) -> Transformer:

@@ -12,8 +12,8 @@ import re
 from pathlib import Path
 
 import torch
-from safetensors import SafetensorError
-from safetensors.torch import load_file, save_file
+from safetensors import SafetensorError, safe_open
+from safetensors.torch import save_file
 
 from llama.config import ConfigError, LlamaConfig
 from llama.model import Transformer
@@ -127,17 +127,27 @@ def save_safetensors(hf_state: dict[str, torch.Tensor], directory: str | Path,
     return files + [INDEX_FILE]
 
 
-def _read_safetensors(path: Path) -> dict[str, torch.Tensor]:
+def _read_safetensors(path: Path, device: torch.device | str = "cpu",
+                      dtype: torch.dtype | None = None) -> dict[str, torch.Tensor]:
+    """One file's tensors, each read straight onto `device` and cast there one at a time, so that a
+    bf16 model bound for a GPU never exists as a whole fp32 copy in host memory."""
     if not path.is_file():
         raise WeightsError(f"{path}: weights file not found")
     try:
-        return load_file(str(path))
+        with safe_open(str(path), framework="pt", device=str(device)) as f:
+            out = {}
+            for name in f.keys():
+                tensor = f.get_tensor(name)
+                out[name] = tensor if dtype is None or not tensor.is_floating_point() else tensor.to(dtype)
+            return out
     except (SafetensorError, OSError, ValueError) as e:
         raise WeightsError(f"{path}: not a readable safetensors file ({e})") from e
 
 
-def load_safetensors(directory: str | Path) -> dict[str, torch.Tensor]:
-    """All HF tensors of a model dir, single-file or sharded (following the index)."""
+def load_safetensors(directory: str | Path, device: torch.device | str = "cpu",
+                     dtype: torch.dtype | None = None) -> dict[str, torch.Tensor]:
+    """All HF tensors of a model dir, single-file or sharded (following the index), on `device`
+    (in `dtype` if given)."""
     directory = Path(directory)
     index_path = directory / INDEX_FILE
     if index_path.is_file():
@@ -149,7 +159,7 @@ def load_safetensors(directory: str | Path) -> dict[str, torch.Tensor]:
         for fname in sorted(set(weight_map.values())):
             if "/" in fname or fname.startswith("."):
                 raise WeightsError(f"{index_path}: shard name {fname!r} points outside the model dir")
-            shard = _read_safetensors(directory / fname)
+            shard = _read_safetensors(directory / fname, device, dtype)
             for name, tensor in shard.items():
                 if weight_map.get(name) == fname:
                     state[name] = tensor
@@ -160,7 +170,7 @@ def load_safetensors(directory: str | Path) -> dict[str, torch.Tensor]:
     single = directory / SINGLE_FILE
     if not single.exists():
         raise WeightsError(f"{directory}: no {SINGLE_FILE} or {INDEX_FILE} found")
-    return _read_safetensors(single)
+    return _read_safetensors(single, device, dtype)
 
 
 # ---- whole model dirs ---------------------------------------------------------------------
@@ -179,7 +189,7 @@ def load_model(directory: str | Path, dtype: torch.dtype = torch.float32,
     if not directory.is_dir():
         raise WeightsError(f"{directory}: model directory not found")
     cfg = LlamaConfig.load(directory / "config.json")
-    state = state_dict_from_hf(load_safetensors(directory), source=str(directory))
+    state = state_dict_from_hf(load_safetensors(directory, device=device, dtype=dtype), source=str(directory))
     check_state_dict(cfg, state, str(directory))
     with torch.device("meta"):
         model = Transformer(cfg)
@@ -196,7 +206,8 @@ def inference_dtype(choice: str, directory: str | Path, device: torch.device | s
 
     'auto' keeps the checkpoint's own dtype (config.json's torch_dtype/dtype, float32 if absent), as
     transformers and vLLM do, except that float16 on a CPU becomes bfloat16 (CPUs have fast bf16
-    kernels and slow fp16 ones; vLLM's CPU backend makes the same swap).
+    kernels and slow fp16 ones; vLLM's CPU backend makes the same swap), and float32 on a GPU
+    becomes bfloat16 (half the bytes to read per token; vLLM's 'auto' also halves fp32 on GPUs).
     """
     if choice != "auto":
         if choice not in DTYPE_NAMES:
@@ -206,6 +217,8 @@ def inference_dtype(choice: str, directory: str | Path, device: torch.device | s
     stored = raw.get("torch_dtype") or raw.get("dtype") or "float32"
     dtype = DTYPE_NAMES.get(stored, torch.float32)
     if dtype == torch.float16 and torch.device(device).type == "cpu":
+        return torch.bfloat16
+    if dtype == torch.float32 and torch.device(device).type == "cuda":
         return torch.bfloat16
     return dtype
 

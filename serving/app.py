@@ -20,6 +20,7 @@ from fastapi.responses import JSONResponse, Response, StreamingResponse
 from ray import serve
 from starlette.concurrency import run_in_threadpool
 
+from cluster.placement import app_device, device_config, resource_options
 from cluster.storage import open_storage
 from llama.generation import SamplingParams
 from llama.tokenizer import DialogError, encode_dialog
@@ -43,11 +44,14 @@ def _load_runner(cfg: dict):
         return TPRunner.create(storage, cfg["model"], cfg["tp"], slots=cfg["max_batch"], max_loras=cfg["max_loras"],
                                max_lora_rank=cfg["max_lora_rank"], max_seq_len=cfg.get("max_seq_len"),
                                worker_cpus=cfg["worker_cpus"], dtype=cfg.get("dtype", "auto"),
-                               step_timeout_s=float(cfg.get("tp_step_timeout_s") or DEFAULT_STEP_TIMEOUT_S), **kv)
+                               step_timeout_s=float(cfg.get("tp_step_timeout_s") or DEFAULT_STEP_TIMEOUT_S),
+                               device=cfg.get("device", "cpu"), setup_timeout_s=cfg.get("tp_setup_timeout_s"), **kv)
     from cluster.models import load_base
+    from cluster.placement import torch_device
     from serving.kv_blocks import plan_num_blocks
     from serving.runner import LocalRunner
-    model, tok = load_base(storage, cfg["model"], dtype=cfg.get("dtype", "auto"))
+    model, tok = load_base(storage, cfg["model"], dtype=cfg.get("dtype", "auto"),
+                           device=torch_device(cfg.get("device", "cpu")))
     param = next(model.parameters())
     max_seq_len = min(cfg.get("max_seq_len") or model.cfg.max_seq_len, model.cfg.max_seq_len)
     blocks = plan_num_blocks(model.cfg, param.dtype, param.device, 16, cfg["max_batch"], max_seq_len, **kv)
@@ -286,20 +290,18 @@ def deployment_options(args: dict) -> dict:
         "autoscaling_config": autoscaling,
         "max_ongoing_requests": args.get("max_ongoing_requests", args.get("max_batch", 32) + 64),
         "max_queued_requests": args.get("max_queued_requests", -1),
-        "ray_actor_options": {"num_cpus": args.get("replica_cpus", 1.0)},
         "health_check_period_s": 5,
     }
-    tp = args.get("tp", 1)
-    if tp > 1:
-        # The replica itself takes a small bundle; its TP workers go into bundles 1..N.
-        options["placement_group_bundles"] = [{"CPU": 0.2}] + [{"CPU": args.get("worker_cpus", 1.0)}] * tp
-        options["placement_group_strategy"] = args.get("placement_strategy", "PACK")
-        options["ray_actor_options"] = {"num_cpus": 0.2}
+    # One GPU per TP=1 replica or per TP worker on cuda; a TP group's bundles STRICT_PACKed on one node.
+    options.update(resource_options(args.get("device", "cpu"), int(args.get("tp", 1)),
+                                    args.get("replica_cpus", 1.0), args.get("worker_cpus", 1.0),
+                                    args.get("placement_strategy")))
     return options
 
 
 def build_app(args: dict):
     """The application builder Serve imports (`serving.app:build_app`)."""
+    args = {**args, "device": app_device(args.get("device", "cpu"))}
     config = {
         "storage": args["storage"], "model": args["model"], "tp": int(args.get("tp", 1)),
         "max_batch": int(args.get("max_batch", 32)), "max_loras": int(args.get("max_loras", 8)),
@@ -309,5 +311,6 @@ def build_app(args: dict):
         "worker_cpus": float(args.get("worker_cpus", 1.0)), "stream_interval": int(args.get("stream_interval", 1)),
         "stream_interval_ms": float(args.get("stream_interval_ms", 0.0)),
         "dtype": str(args.get("dtype", "auto")), "speculate_tokens": int(args.get("speculate_tokens", 8)),
+        **device_config(args),
     }
     return HerdServer.options(**deployment_options(args)).bind(config)

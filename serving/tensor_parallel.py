@@ -15,6 +15,7 @@ shared-memory broadcast of step inputs is not done here.
 
 from __future__ import annotations
 
+import os
 import tempfile
 from pathlib import Path
 
@@ -22,6 +23,7 @@ import ray
 import torch
 
 from cluster.models import load_config, local_model_dir, model_prefix
+from cluster.placement import dist_backend, torch_device, tp_worker_options
 from cluster.storage import Storage, open_storage
 from llama.lora import LoraSpec
 from llama.tokenizer import Tokenizer
@@ -33,13 +35,13 @@ DEFAULT_STEP_TIMEOUT_S = 120.0  # above a first step's warm-up on a loaded machi
 @ray.remote
 class TPWorker:
     def __init__(self, rank: int, world: int, storage_url: str, model: str, slots: int, max_loras: int,
-                 max_lora_rank: int, max_seq_len: int | None, threads: int = 1, dtype: str = "auto"):
+                 max_lora_rank: int, max_seq_len: int | None, threads: int = 1, dtype: str = "auto",
+                 device: str = "cpu"):
         torch.set_num_threads(threads)
         self.rank, self.world = rank, world
         self.args = (storage_url, model, slots, max_loras, max_lora_rank, max_seq_len, dtype)
         self._store = None
-        self.device = torch.device("cuda", torch.cuda.current_device()) if torch.cuda.is_available() \
-            else torch.device("cpu")
+        self.device = torch.device(torch_device(device))
 
     def open_store(self) -> tuple[str, int]:
         """Rank 0: a TCPStore on a free port for the group to meet at."""
@@ -56,12 +58,12 @@ class TPWorker:
         from serving.kv_blocks import plan_num_blocks
         if self._store is None:
             self._store = torch.distributed.TCPStore(host, port, self.world, is_master=False)
-        backend = "nccl" if self.device.type == "cuda" else "gloo"
-        dist.init_process_group(backend, store=self._store, rank=self.rank, world_size=self.world)
+        dist.init_process_group(dist_backend(self.device.type), store=self._store, rank=self.rank,
+                                world_size=self.world)
         storage_url, model, slots, _, _, max_seq_len, dtype = self.args
         directory = local_model_dir(open_storage(storage_url), model)
-        self.dtype = inference_dtype(dtype, directory)
-        self.model = load_shard(directory, self.rank, self.world, dtype=self.dtype).to(self.device)
+        self.dtype = inference_dtype(dtype, directory, self.device)
+        self.model = load_shard(directory, self.rank, self.world, dtype=self.dtype, device=self.device)
         cfg = self.model.cfg
         self.max_seq_len = min(max_seq_len or cfg.max_seq_len, cfg.max_seq_len)
         return plan_num_blocks(cfg, self.dtype, self.device, 16, slots, self.max_seq_len, kv_cache_gib,
@@ -75,6 +77,11 @@ class TPWorker:
         self.runner = LocalRunner(self.model, slots, max_loras, max_lora_rank, self.max_seq_len,
                                   num_blocks=num_blocks, cuda_graphs=False, sample_on_this_rank=self.rank == 0,
                                   prepare=wrap_row_parallel)
+
+    def placement(self) -> dict:
+        """Where this worker landed: its node and the GPUs Ray made visible to it."""
+        return {"rank": self.rank, "node_id": ray.get_runtime_context().get_node_id(),
+                "cuda_visible_devices": os.environ.get("CUDA_VISIBLE_DEVICES"), "gpu_ids": ray.get_gpu_ids()}
 
     def shard_numel(self) -> int:
         from llama.packed_linear import weight_numel
@@ -113,23 +120,28 @@ class TPRunner:
     def create(cls, storage: Storage, model: str, tp: int, slots: int, max_loras: int, max_lora_rank: int,
                max_seq_len: int | None = None, worker_cpus: float = 0.5, dtype: str = "auto",
                kv_cache_gib: float | None = None, gpu_memory_utilization: float = 0.9,
-               step_timeout_s: float = DEFAULT_STEP_TIMEOUT_S):
+               step_timeout_s: float = DEFAULT_STEP_TIMEOUT_S, device: str = "cpu",
+               setup_timeout_s: float | None = None):
+        """Start the group; a worker that cannot be placed or load its shard within `setup_timeout_s`
+        fails the replica (Serve retries it) instead of leaving it waiting forever."""
         from ray.util.placement_group import get_current_placement_group
-        from ray.util.scheduling_strategies import PlacementGroupSchedulingStrategy
         cfg = load_config(storage, model)
         pg = get_current_placement_group()
-        workers = []
-        for rank in range(tp):
-            options: dict = {"num_cpus": worker_cpus}
-            if pg is not None:
-                options["scheduling_strategy"] = PlacementGroupSchedulingStrategy(
-                    placement_group=pg, placement_group_bundle_index=rank + 1)
-            workers.append(TPWorker.options(**options).remote(rank, tp, storage.url, model, slots, max_loras,
-                                                              max_lora_rank, max_seq_len, dtype=dtype))
-        host, port = ray.get(workers[0].open_store.remote())
-        blocks = ray.get([w.join.remote(host, port, kv_cache_gib, gpu_memory_utilization) for w in workers])
-        num_blocks = min(blocks)
-        ray.get([w.allocate.remote(num_blocks) for w in workers])
+        workers = [TPWorker.options(**tp_worker_options(device, worker_cpus, pg, rank)).remote(
+            rank, tp, storage.url, model, slots, max_loras, max_lora_rank, max_seq_len, dtype=dtype, device=device)
+            for rank in range(tp)]
+        timeout = setup_timeout_s or 600.0
+        try:
+            host, port = ray.get(workers[0].open_store.remote(), timeout=timeout)
+            blocks = ray.get([w.join.remote(host, port, kv_cache_gib, gpu_memory_utilization) for w in workers],
+                             timeout=timeout)
+            num_blocks = min(blocks)
+            ray.get([w.allocate.remote(num_blocks) for w in workers], timeout=timeout)
+        except ray.exceptions.GetTimeoutError:
+            for w in workers:
+                ray.kill(w)
+            raise TimeoutError(f"TP={tp} workers were not placed and loaded within {timeout:.0f}s "
+                               "(tp_setup_timeout_s); check the cluster's free CPUs/GPUs") from None
         length = min(max_seq_len or cfg.max_seq_len, cfg.max_seq_len)
         return cls(workers, cfg, length, num_blocks, step_timeout_s), _tokenizer(storage, model)
 
