@@ -14,7 +14,7 @@ from pathlib import Path
 
 from cluster.job_store import JobSpec, JobStore, new_job_id
 from cluster.models import model_exists
-from cluster.ray_cluster import ensure_cluster, forwarded_env, job_api_url, resolve_address
+from cluster.ray_cluster import ensure_cluster, forwarded_env, require_cluster, resolve_address
 from cluster.registry import AdapterRegistry
 from cluster.storage import Storage
 from llama.sft_data import file_sha256, read_dataset
@@ -29,7 +29,7 @@ class SubmitError(ValueError):
 
 def _client(address: str | None):
     from ray.job_submission import JobSubmissionClient
-    return JobSubmissionClient(job_api_url(address))
+    return JobSubmissionClient(require_cluster(address))
 
 
 def check_submission(storage: Storage, spec: JobSpec, data: Path) -> str:

@@ -72,6 +72,15 @@ def job_api_url(address: str | None) -> str:
     return f"http://{host}:{_dashboard_port()}"
 
 
+def require_cluster(address: str | None) -> str:
+    """The Job API URL of a cluster that answers, else a one-line ClusterError saying how to get one."""
+    url = job_api_url(address)
+    if _dashboard_up(url):
+        return url
+    raise ClusterError(f"no Ray cluster answers at {url}; start the local one with `herd cluster up`, "
+                       "or pass --address (RAY_ADDRESS) of a running cluster")
+
+
 def _gcs_port() -> str:
     return os.environ.get("HERD_GCS_PORT", "6379")
 
@@ -200,7 +209,7 @@ def start_local(num_cpus: int | None = None) -> tuple[str, bool]:
 def ensure_cluster(address: str | None, say=print) -> str:
     """The Job API URL of the cluster to use, starting the local head when none is given."""
     if resolve_address(address) is not None:
-        return job_api_url(address)
+        return require_cluster(address)
     url, started = start_local()
     if started:
         say(f"started a local Ray cluster (dashboard {url}); stop it with `herd cluster down`")

@@ -13,7 +13,7 @@ import time
 import urllib.request
 
 from cluster.models import model_exists
-from cluster.ray_cluster import ensure_cluster, forwarded_env, job_api_url
+from cluster.ray_cluster import ensure_cluster, forwarded_env, job_api_url, require_cluster
 from cluster.storage import Storage, StorageError
 
 APP_NAME = "herd"
@@ -75,7 +75,7 @@ def deploy(storage: Storage, args: dict, address: str | None, port: int = 8000, 
 
 def app_status(address: str | None) -> dict | None:
     """Application status, replicas, the deployed arguments and the HTTP port; None if not deployed."""
-    details = _client(job_api_url(address)).get_serve_details()
+    details = _client(require_cluster(address)).get_serve_details()
     app = (details.get("applications") or {}).get(APP_NAME)
     if not app:
         return None
