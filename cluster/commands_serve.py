@@ -9,7 +9,7 @@ from typing import Annotated
 import typer
 
 from cluster.cli import Dtype, DtypeOpt, JsonOpt, StorageOpt, UsageProblem, emit, out_console, run_guarded
-from cluster.commands_finetune import AddressOpt, _say
+from cluster.commands_finetune import AddressOpt, ForwardAwsOpt, _say
 
 serve_app = typer.Typer(help="The OpenAI-compatible endpoint on Ray Serve.", no_args_is_help=True)
 
@@ -42,6 +42,7 @@ def serve_deploy(
         "--speculate-tokens", min=0, max=32,
         help="prompt-lookup draft tokens per greedy request while few run (0: off)")] = 8,
     dtype: DtypeOpt = Dtype.auto,
+    forward_aws_env: ForwardAwsOpt = False,
     address: AddressOpt = None, storage: StorageOpt = None, json_: JsonOpt = False,
 ) -> None:
     """Deploy the endpoint; returns once it answers /health."""
@@ -59,7 +60,8 @@ def serve_deploy(
                 "replica_cpus": replica_cpus, "worker_cpus": worker_cpus, "threads": threads,
                 "stream_interval": stream_interval, "stream_interval_ms": stream_interval_ms,
                 "speculate_tokens": speculate_tokens, "dtype": dtype.value}
-        result = serve_control.deploy(open_storage(storage), args, address, port=port, say=_say)
+        result = serve_control.deploy(open_storage(storage), args, address, port=port, say=_say,
+                                      forward_aws=forward_aws_env)
         emit(result, json_, f"endpoint ready: {result['endpoint']}/v1 serving {model!r} "
                             f"({result['running_replicas']} replica(s), TP={tp})")
     run_guarded(body)

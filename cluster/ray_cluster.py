@@ -38,10 +38,25 @@ def _dashboard_port() -> int:
     return int(os.environ.get("HERD_DASHBOARD_PORT", "8265"))
 
 
-def forwarded_env(prefixes: tuple[str, ...]) -> dict[str, str]:
+# Never copied into a job's or the endpoint's runtime_env (the Ray dashboard shows those to anyone).
+_NEVER_FORWARDED = frozenset({"HERD_API_KEY"})
+# S3 credentials come from the standard AWS chain on the nodes unless the user asks to copy them.
+AWS_CREDENTIALS = frozenset({"AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY", "AWS_SESSION_TOKEN", "AWS_SECURITY_TOKEN"})
+
+
+def forward_aws_requested(flag: bool | None = None) -> bool:
+    """--forward-aws-env, else HERD_FORWARD_AWS_ENV=1 (what the tests' S3 fixture sets)."""
+    if flag is not None:
+        return flag
+    return os.environ.get("HERD_FORWARD_AWS_ENV", "").lower() in ("1", "true", "yes")
+
+
+def forwarded_env(prefixes: tuple[str, ...], forward_aws: bool = False) -> dict[str, str]:
     """This process's variables that start with `prefixes`: what a job or replica on the cluster
-    needs to reach the same storage (S3 endpoint and credentials, HERD_*) and DeepSpeed's caches."""
-    return {k: v for k, v in os.environ.items() if k.startswith(prefixes)}
+    needs to reach the same storage (S3 endpoint, region, HERD_*) and DeepSpeed's caches. Never the
+    API key; AWS credentials only with `forward_aws` (else the nodes' own AWS chain provides them)."""
+    return {k: v for k, v in os.environ.items() if k.startswith(prefixes) and k not in _NEVER_FORWARDED
+            and (forward_aws or k not in AWS_CREDENTIALS)}
 
 
 def local_dashboard_url() -> str:

@@ -8,12 +8,13 @@ replicas that still fit.
 
 from __future__ import annotations
 
+import hashlib
 import os
 import time
 import urllib.request
 
 from cluster.models import model_exists
-from cluster.ray_cluster import ensure_cluster, forwarded_env, job_api_url, require_cluster
+from cluster.ray_cluster import ensure_cluster, forward_aws_requested, forwarded_env, job_api_url, require_cluster
 from cluster.storage import Storage, StorageError
 
 APP_NAME = "herd"
@@ -38,9 +39,17 @@ def _http_ok(url: str, timeout: float = 3.0) -> bool:
         return False
 
 
+def api_key_sha256(key: str | None) -> str | None:
+    """What the replicas get instead of HERD_API_KEY: its hash (they compare hashes in constant time)."""
+    return hashlib.sha256(key.encode()).hexdigest() if key else None
+
+
 def deploy(storage: Storage, args: dict, address: str | None, port: int = 8000, wait_s: float = 300,
-           say=print) -> dict:
-    """Deploy (or update) the endpoint; returns its base URL once /health answers."""
+           say=print, forward_aws: bool | None = None, env: dict[str, str] | None = None) -> dict:
+    """Deploy (or update) the endpoint; returns its base URL once /health answers.
+
+    The API key is HERD_API_KEY's hash unless `args` already carry one (a re-deploy keeps what was
+    deployed); `env` is the replicas' environment (default: this process's, without secrets)."""
     if not model_exists(storage, args["model"]):
         raise ValueError(f"unknown model {args['model']!r} in {storage.url}; see `herd models list`")
     if args.get("tp", 1) > 1:
@@ -50,8 +59,12 @@ def deploy(storage: Storage, args: dict, address: str | None, port: int = 8000, 
             raise ValueError(f"--tp {args['tp']} must divide the model's {cfg.n_heads} heads and "
                              f"{cfg.n_kv_heads} key/value heads")
     url = ensure_cluster(address, say)
-    env = forwarded_env(_PASS_ENV)
-    env.setdefault("DS_ACCELERATOR", "cpu")
+    args = dict(args)
+    if "api_key_sha256" not in args:
+        args["api_key_sha256"] = api_key_sha256(os.environ.get("HERD_API_KEY"))
+    if env is None:
+        env = forwarded_env(_PASS_ENV, forward_aws_requested(forward_aws))
+        env.setdefault("DS_ACCELERATOR", "cpu")
     config = {
         "proxy_location": "HeadOnly",
         "http_options": {"host": os.environ.get("HERD_SERVE_HOST", "127.0.0.1"), "port": port},
@@ -73,10 +86,14 @@ def deploy(storage: Storage, args: dict, address: str | None, port: int = 8000, 
                      f"(last status: {last and last['status']}); see the Ray dashboard at {url}")
 
 
+def _app_details(address: str | None) -> tuple[dict, dict | None]:
+    details = _client(require_cluster(address)).get_serve_details()
+    return details, (details.get("applications") or {}).get(APP_NAME)
+
+
 def app_status(address: str | None) -> dict | None:
     """Application status, replicas, the deployed arguments and the HTTP port; None if not deployed."""
-    details = _client(require_cluster(address)).get_serve_details()
-    app = (details.get("applications") or {}).get(APP_NAME)
+    details, app = _app_details(address)
     if not app:
         return None
     deployment = (app.get("deployments") or {}).get(DEPLOYMENT, {})
@@ -96,9 +113,12 @@ def scale(address: str | None, min_replicas: int, max_replicas: int, say=print) 
         raise ServeError("no endpoint is deployed; run `herd serve deploy` first")
     if min_replicas > max_replicas:
         raise ValueError(f"--min-replicas {min_replicas} is above --max-replicas {max_replicas}")
-    args = {**current["args"], "min_replicas": min_replicas, "max_replicas": max_replicas}
+    # Everything else as deployed (API key, the replicas' environment), not the caller's shell.
+    args = {"api_key_sha256": None, **current["args"], "min_replicas": min_replicas, "max_replicas": max_replicas}
+    deployed = (_app_details(address)[1] or {}).get("deployed_app_config") or {}
+    env = dict((deployed.get("runtime_env") or {}).get("env_vars") or {})
     port = int(current["endpoint"].rsplit(":", 1)[1])
-    return deploy(open_storage(args["storage"]), args, address, port=port, say=say)
+    return deploy(open_storage(args["storage"]), args, address, port=port, say=say, env=env)
 
 
 def shutdown(address: str | None) -> bool:

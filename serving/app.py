@@ -9,7 +9,10 @@ replica's placement group), starts an engine, and answers:
 """
 
 import asyncio
+import hashlib
+import hmac
 import json
+import logging
 import os
 import time
 import uuid
@@ -29,10 +32,13 @@ from serving.metrics import ServerMetrics
 from serving.models_view import ModelsView
 from serving.openai_schema import APIError, ChatRequest, CompletionRequest, parse
 
+logger = logging.getLogger("ray.serve")
 api = FastAPI(title="Herd", description="OpenAI-compatible Llama 2 serving")
 
 DEFAULT_COMPLETION_TOKENS = 16  # OpenAI's default for /v1/completions
 DEFAULT_CHAT_TOKENS = 512
+# A replica whose model runner failed this many steps in a row tells Ray Serve it is unhealthy.
+RUNNER_FAILURES_UNHEALTHY = 3
 
 
 def _load_runner(cfg: dict):
@@ -59,7 +65,9 @@ class HerdServer:
         # beside the engine thread's own and slows every decode step (serving/engine.py `_loop`).
         torch.set_num_threads(1)
         self.config = config
-        self.api_key = config.get("api_key") or os.environ.get("HERD_API_KEY") or None
+        # The key's sha256 (`herd serve deploy` never ships the key itself), or HERD_API_KEY's on the node.
+        key = os.environ.get("HERD_API_KEY")
+        self.api_key_sha256 = config.get("api_key_sha256") or (hashlib.sha256(key.encode()).hexdigest() if key else None)
         self.max_body = int(config.get("max_body_bytes", 1 << 20))
         self.base = config["model"]
         self.view = ModelsView(open_storage(config["storage"]), self.base, ttl_s=config.get("adapter_ttl_s", 1.0))
@@ -76,10 +84,11 @@ class HerdServer:
     # ---- plumbing -------------------------------------------------------------------------------
 
     def _authorize(self, request: Request) -> None:
-        if not self.api_key:
+        if not self.api_key_sha256:
             return
-        header = request.headers.get("authorization", "")
-        if header != f"Bearer {self.api_key}":
+        scheme, _, token = request.headers.get("authorization", "").partition(" ")
+        presented = hashlib.sha256(token.strip().encode("utf-8", "surrogateescape")).hexdigest()
+        if scheme.lower() != "bearer" or not hmac.compare_digest(presented, self.api_key_sha256):
             raise APIError(401, "invalid or missing API key: send 'Authorization: Bearer <HERD_API_KEY>'",
                            code="invalid_api_key")
 
@@ -91,9 +100,32 @@ class HerdServer:
 
     # ---- endpoints ------------------------------------------------------------------------------
 
+    def health_problem(self) -> str | None:
+        """Why this replica cannot serve (None: it can): the engine's own verdict where it gives one,
+        else its count of consecutive failed steps (a CUDA error, a dead TP worker)."""
+        health = getattr(self.engine, "health", None)
+        if callable(health):
+            return health()
+        failures = getattr(self.engine, "stats", {}).get("consecutive_failures", 0)
+        if failures >= RUNNER_FAILURES_UNHEALTHY:
+            return f"the model runner failed {failures} steps in a row"
+        return None
+
+    def check_health(self) -> None:
+        """Called by Ray Serve every few seconds; raising makes Serve replace this replica."""
+        problem = self.health_problem()
+        if problem:
+            raise RuntimeError(f"replica unhealthy: {problem}")
+
     @api.get("/health")
-    def health(self) -> dict:
-        return {"status": "ok", "model": self.base, **self.engine.snapshot()}
+    def health(self):
+        problem = self.health_problem()
+        snap = self.engine.snapshot()
+        body = {"status": "unhealthy" if problem else "ok", "model": self.base,
+                **{k: snap[k] for k in ("running", "waiting", "free_slots") if k in snap}}
+        if problem:
+            return JSONResponse({**body, "reason": problem}, status_code=503)
+        return body
 
     @api.get("/v1/models")
     async def models(self, request: Request):
@@ -127,6 +159,9 @@ class HerdServer:
             self._authorize(request)
             body = parse(await self._body(request), ChatRequest if kind == "chat" else CompletionRequest,
                          self.max_body)
+            if ":" in body.model and not self.config.get("max_loras"):
+                raise APIError(400, f"this endpoint serves no adapters (deployed with --max-loras 0); "
+                                    f"use model {self.base!r}", param="model", code="model_not_found")
             adapter = await run_in_threadpool(self.view.resolve, body.model)
             adapter_label = f"{adapter[0]}@{adapter[1]}" if adapter else "base"
             prompt_ids = self._encode(body, kind)
@@ -139,9 +174,15 @@ class HerdServer:
                 self.engine.submit(req)
             except Engine.Overloaded as e:
                 raise APIError(503, f"server overloaded: {e}; retry later", code="overloaded") from None
+            except ValueError as e:  # what the engine refuses (prompt too long, no LoRA slots)
+                raise APIError(400, str(e), code="invalid_request") from None
         except APIError as e:
             self.metrics.requests.labels(kind, adapter_label, str(e.status)).inc()
             return e.response()
+        except Exception as e:  # noqa: BLE001 - a bug: still an OpenAI-shaped answer, and in the log
+            logger.exception("request failed")
+            self.metrics.requests.labels(kind, adapter_label, "500").inc()
+            return APIError(500, f"internal error: {type(e).__name__}", code="internal_error").response()
         self.metrics.requests.labels(kind, adapter_label, "200").inc()
         rid = f"{'chatcmpl' if kind == 'chat' else 'cmpl'}-{uuid.uuid4().hex[:24]}"
         if body.stream:
@@ -284,9 +325,9 @@ def deployment_options(args: dict) -> dict:
     return options
 
 
-def build_app(args: dict):
-    """The application builder Serve imports (`serving.app:build_app`)."""
-    config = {
+def replica_config(args: dict) -> dict:
+    """The replica's configuration from the CLI's arguments (defaults filled in)."""
+    return {
         "storage": args["storage"], "model": args["model"], "tp": int(args.get("tp", 1)),
         "max_batch": int(args.get("max_batch", 32)), "max_loras": int(args.get("max_loras", 8)),
         "max_lora_rank": int(args.get("max_lora_rank", 64)), "max_waiting": int(args.get("max_waiting", 256)),
@@ -295,5 +336,10 @@ def build_app(args: dict):
         "worker_cpus": float(args.get("worker_cpus", 1.0)), "stream_interval": int(args.get("stream_interval", 1)),
         "stream_interval_ms": float(args.get("stream_interval_ms", 0.0)),
         "dtype": str(args.get("dtype", "auto")), "speculate_tokens": int(args.get("speculate_tokens", 8)),
+        "api_key_sha256": args.get("api_key_sha256"),
     }
-    return HerdServer.options(**deployment_options(args)).bind(config)
+
+
+def build_app(args: dict):
+    """The application builder Serve imports (`serving.app:build_app`)."""
+    return HerdServer.options(**deployment_options(args)).bind(replica_config(args))

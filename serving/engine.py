@@ -200,7 +200,9 @@ class Engine:
                 if not admitted and self.waiting and not self.running:
                     time.sleep(0.001)  # waiting only on LoRA slots held by finishing requests
                 self._step(admitted)
+                self.stats["consecutive_failures"] = 0
             except Exception as e:  # noqa: BLE001 - fail the requests, keep serving
+                self.stats["consecutive_failures"] += 1  # read by the replica's check_health
                 for req in admitted + self.running:
                     self._finish(req, None, error=f"engine error: {type(e).__name__}: {e}")
 
