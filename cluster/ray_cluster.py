@@ -21,6 +21,8 @@ import socket
 import subprocess
 import sys
 import tempfile
+import time
+import urllib.error
 import urllib.request
 from pathlib import Path
 
@@ -65,7 +67,7 @@ def local_dashboard_url() -> str:
 
 def _dashboard_up(url: str) -> bool:
     try:
-        with urllib.request.urlopen(f"{url}/api/version", timeout=2) as r:
+        with urllib.request.urlopen(f"{url}/api/version", timeout=5) as r:
             return r.status == 200
     except OSError:
         return False
@@ -90,8 +92,20 @@ def job_api_url(address: str | None) -> str:
 def require_cluster(address: str | None) -> str:
     """The Job API URL of a cluster that answers, else a one-line ClusterError saying how to get one."""
     url = job_api_url(address)
-    if _dashboard_up(url):
-        return url
+    for _ in range(3):  # a loaded head can be slow to answer; only a refused connection means "none"
+        try:
+            with urllib.request.urlopen(f"{url}/api/version", timeout=10):
+                return url
+        except urllib.error.HTTPError:
+            return url  # something answers there: let the real call report what is wrong
+        except (TimeoutError, socket.timeout):
+            return url
+        except urllib.error.URLError as e:
+            if isinstance(e.reason, (TimeoutError, socket.timeout)):
+                return url
+        except OSError:
+            pass
+        time.sleep(0.5)
     raise ClusterError(f"no Ray cluster answers at {url}; start the local one with `herd cluster up`, "
                        "or pass --address (RAY_ADDRESS) of a running cluster")
 
@@ -144,7 +158,6 @@ def _session_pids(sid: int) -> list[int]:
 
 def _end_session(sid: int, grace_s: float = 15.0) -> None:
     """SIGTERM every process of the head's session, SIGKILL what is left after `grace_s`."""
-    import time
     for sig, wait_s in ((signal.SIGTERM, grace_s), (signal.SIGKILL, 5.0)):
         pids = _session_pids(sid)
         for pid in pids:

@@ -23,13 +23,13 @@ from fastapi.responses import JSONResponse, Response, StreamingResponse
 from ray import serve
 from starlette.concurrency import run_in_threadpool
 
-from cluster.storage import open_storage
+from cluster.storage import StorageError, open_storage
 from llama.generation import SamplingParams
 from llama.tokenizer import DialogError, encode_dialog
 from serving.engine import Engine, ErrorEvent, FinishEvent, TokenEvent
 from serving.engine import Request as GenRequest
 from serving.metrics import ServerMetrics
-from serving.models_view import ModelsView
+from serving.models_view import ModelsView, storage_unavailable
 from serving.openai_schema import APIError, ChatRequest, CompletionRequest, parse
 
 logger = logging.getLogger("ray.serve")
@@ -70,7 +70,8 @@ class HerdServer:
         self.api_key_sha256 = config.get("api_key_sha256") or (hashlib.sha256(key.encode()).hexdigest() if key else None)
         self.max_body = int(config.get("max_body_bytes", 1 << 20))
         self.base = config["model"]
-        self.view = ModelsView(open_storage(config["storage"]), self.base, ttl_s=config.get("adapter_ttl_s", 1.0))
+        self.view = ModelsView(open_storage(config["storage"], fail_fast=True), self.base,
+                               ttl_s=config.get("adapter_ttl_s", 1.0))
         self.runner, self.tok = _load_runner(config)
         self.engine = Engine(self.runner, self.tok, slots=config["max_batch"], max_loras=config["max_loras"],
                              adapter_loader=self.view.load, max_waiting=config.get("max_waiting", 256),
@@ -122,6 +123,7 @@ class HerdServer:
         problem = self.health_problem()
         snap = self.engine.snapshot()
         body = {"status": "unhealthy" if problem else "ok", "model": self.base,
+                "storage": "degraded" if self.view.storage_degraded() else "ok",
                 **{k: snap[k] for k in ("running", "waiting", "free_slots") if k in snap}}
         if problem:
             return JSONResponse({**body, "reason": problem}, status_code=503)
@@ -133,7 +135,11 @@ class HerdServer:
             self._authorize(request)
         except APIError as e:
             return e.response()
-        return {"object": "list", "data": await run_in_threadpool(self.view.list)}
+        try:
+            return {"object": "list", "data": await run_in_threadpool(self.view.list)}
+        except StorageError:
+            self.view.storage_failed(StorageError("listing models failed"))
+            return APIError(503, "the model storage is unreachable; retry later", code="storage_unavailable").response()
 
     @api.get("/metrics")
     def metrics_endpoint(self, request: Request):
@@ -141,7 +147,8 @@ class HerdServer:
             self._authorize(request)
         except APIError as e:
             return e.response()
-        return Response(self.metrics.render(self.engine.snapshot()), media_type="text/plain; version=0.0.4")
+        return Response(self.metrics.render(self.engine.snapshot(), self.view.storage_degraded()),
+                        media_type="text/plain; version=0.0.4")
 
     @api.post("/v1/completions")
     async def completions(self, request: Request):
@@ -183,24 +190,29 @@ class HerdServer:
             logger.exception("request failed")
             self.metrics.requests.labels(kind, adapter_label, "500").inc()
             return APIError(500, f"internal error: {type(e).__name__}", code="internal_error").response()
-        self.metrics.requests.labels(kind, adapter_label, "200").inc()
         rid = f"{'chatcmpl' if kind == 'chat' else 'cmpl'}-{uuid.uuid4().hex[:24]}"
-        if body.stream:
-            include_usage = bool(body.stream_options and body.stream_options.include_usage)
-            return StreamingResponse(self._sse(req, events, kind, rid, body.model, include_usage),
-                                     media_type="text/event-stream")
         finish = None
         try:
-            while True:
+            first = await events.get()  # a request that fails before its first token gets an HTTP error
+            if body.stream and not isinstance(first, ErrorEvent):
+                finish = first  # the stream owns the request from here
+                self.metrics.requests.labels(kind, adapter_label, "200").inc()
+                include_usage = bool(body.stream_options and body.stream_options.include_usage)
+                return StreamingResponse(self._sse(req, events, kind, rid, body.model, include_usage, first),
+                                         media_type="text/event-stream")
+            ev = first
+            while not isinstance(ev, (FinishEvent, ErrorEvent)):
                 ev = await events.get()
-                if isinstance(ev, (FinishEvent, ErrorEvent)):
-                    finish = ev
-                    break
+            finish = ev
         finally:
             if finish is None:  # the client went away: free the slot now
                 self.engine.cancel(req)
         if isinstance(finish, ErrorEvent):
-            return APIError(500, finish.message, code="engine_error").response()
+            error = (storage_unavailable(body.model) if adapter is not None and self.view.storage_degraded()
+                     else APIError(500, finish.message, code="engine_error"))
+            self.metrics.requests.labels(kind, adapter_label, str(error.status)).inc()
+            return error.response()
+        self.metrics.requests.labels(kind, adapter_label, "200").inc()
         self._count(req, finish)
         return JSONResponse(self._final_body(kind, rid, body.model, finish))
 
@@ -245,7 +257,7 @@ class HerdServer:
         return {**base, "object": "text_completion", "choices": [choice]}
 
     async def _sse(self, req: GenRequest, events: asyncio.Queue, kind: str, rid: str, model: str,
-                   include_usage: bool) -> AsyncIterator[str]:
+                   include_usage: bool, first: Any = None) -> AsyncIterator[str]:
         created = int(time.time())
         obj = "chat.completion.chunk" if kind == "chat" else "text_completion"
 
@@ -265,7 +277,7 @@ class HerdServer:
         try:
             if kind == "chat":
                 yield chunk({"role": "assistant", "content": ""})
-            pending = None
+            pending = first
             while True:
                 ev, pending = pending or await events.get(), None
                 if isinstance(ev, TokenEvent):

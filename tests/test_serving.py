@@ -251,13 +251,29 @@ def test_autoscaling_up_under_load_and_back_down(client, served):
     assert settled_at_one(90)
 
 
+def test_deployed_config_holds_no_secrets(served):
+    """What the Ray dashboard shows of the application: the key's hash, never the key."""
+    import hashlib
+    import json
+    from cluster import serve_control
+    shown = json.dumps(serve_control._client(serve_control.job_api_url(None)).get_serve_details())
+    assert API_KEY not in shown and hashlib.sha256(API_KEY.encode()).hexdigest() in shown
+    health = httpx.get(served["url"] + "/health").json()  # unauthenticated: nothing about adapters
+    assert "resident_adapters" not in health and "a1" not in json.dumps(health)
+    r = httpx.post(served["url"] + "/v1/completions", json={"model": "base:ghost", "prompt": "x"},
+                   headers={"Authorization": f"Bearer {API_KEY}"})
+    assert r.status_code == 404 and served["storage"] not in r.text
+
+
 def test_scale_sets_replica_bounds(served):
-    out = herd_json("serve", "scale", "--min-replicas", "2", "--max-replicas", "3")
+    # from a shell without HERD_API_KEY: the deployed key stays on
+    out = herd_json("serve", "scale", "--min-replicas", "2", "--max-replicas", "3", env={"HERD_API_KEY": None})
     assert out["args"]["min_replicas"] == 2 and out["args"]["storage"] == served["storage"]
     deadline = time.time() + 60
     while time.time() < deadline and herd_json("serve", "status")["running_replicas"] < 2:
         time.sleep(1)
     assert herd_json("serve", "status")["running_replicas"] >= 2
+    assert httpx.post(served["url"] + "/v1/completions", json={"model": "base", "prompt": "x"}).status_code == 401
     r = herd("serve", "scale", "--min-replicas", "3", "--max-replicas", "2", expect=2)
     assert "above --max-replicas" in r.output
 
