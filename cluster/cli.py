@@ -65,12 +65,13 @@ def _usage_errors() -> tuple[type[BaseException], ...]:
 
 def run_guarded(fn, *args, **kwargs):
     """Call fn, turning known errors into a one-line message and the SPEC's exit code."""
+    from cluster.ray_cluster import ClusterError
     from cluster.storage import StorageError
     try:
         return fn(*args, **kwargs)
     except typer.Exit:
         raise
-    except StorageError as e:
+    except (StorageError, ClusterError) as e:
         fail(str(e), 1)
     except _usage_errors() as e:
         fail(str(e), 2)

@@ -98,11 +98,12 @@ def adapters_promote(ref: Annotated[str, typer.Argument(metavar="NAME@VERSION")]
 
 
 @adapters_app.command("delete")
-def adapters_delete(ref: Annotated[str, typer.Argument(metavar="NAME[@VERSION]")],
+def adapters_delete(ref: Annotated[str, typer.Argument(metavar="NAME@VERSION | NAME --all")],
+                    all_versions: Annotated[bool, typer.Option("--all", help="delete every version of NAME")] = False,
                     storage: StorageOpt = None, json_: JsonOpt = False) -> None:
-    """Delete one version, or the whole adapter when no version is given."""
+    """Delete one version, or every version of an adapter with --all (pushes in progress are kept)."""
     def body():
-        deleted = _registry(storage).delete(ref)
+        deleted = _registry(storage).delete(ref, all_versions=all_versions)
         name = ref.partition("@")[0]
         emit({"name": name, "deleted": deleted}, json_, f"deleted {name} versions {', '.join(deleted)}")
     run_guarded(body)

@@ -12,6 +12,9 @@ from cluster.cli import JsonOpt, StorageOpt, UsageProblem, emit, err_console, ou
 
 AddressOpt = Annotated[str | None, typer.Option("--address", envvar="RAY_ADDRESS",
                                                 help="Ray cluster (default: the local one Herd starts)")]
+ForwardAwsOpt = Annotated[bool, typer.Option(
+    "--forward-aws-env", envvar="HERD_FORWARD_AWS_ENV",
+    help="copy AWS_* credentials into the cluster's runtime_env (default: the nodes' own AWS chain)")]
 
 cluster_app = typer.Typer(help="The Ray cluster (a local head unless --address/RAY_ADDRESS).",
                           no_args_is_help=True)
@@ -85,6 +88,7 @@ def finetune_submit(
     promote: Annotated[bool, typer.Option("--promote", help="make the result the current version")] = False,
     resume: Annotated[str | None, typer.Option("--resume", metavar="JOB", help="continue a stopped/failed job")] = None,
     follow: Annotated[bool, typer.Option("--follow", help="show progress until the job ends")] = False,
+    forward_aws_env: ForwardAwsOpt = False,
     address: AddressOpt = None, storage: StorageOpt = None, json_: JsonOpt = False,
 ) -> None:
     """Submit a fine-tuning job; prints the job id at once (--follow to watch it)."""
@@ -95,7 +99,7 @@ def finetune_submit(
     def body():
         st = open_storage(storage)
         if resume:
-            job_id = finetune.resume(st, resume, address, say=_say)
+            job_id = finetune.resume(st, resume, address, say=_say, forward_aws=forward_aws_env)
         else:
             missing = [flag for flag, v in (("--model", model), ("--data", data), ("--adapter", adapter)) if not v]
             if missing:
@@ -108,7 +112,7 @@ def finetune_submit(
                                checkpoint_every=checkpoint_every, seed=seed, use_gpu=gpu, promote=promote)
             except ValueError as e:
                 raise UsageProblem(_pydantic_message(e)) from None
-            job_id = finetune.submit(st, spec, data, address, say=_say)
+            job_id = finetune.submit(st, spec, data, address, say=_say, forward_aws=forward_aws_env)
         if not follow:
             emit({"job_id": job_id}, json_, job_id)
             return

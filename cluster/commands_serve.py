@@ -10,7 +10,7 @@ from typing import Annotated
 import typer
 
 from cluster.cli import Dtype, DtypeOpt, JsonOpt, StorageOpt, UsageProblem, emit, out_console, run_guarded
-from cluster.commands_finetune import AddressOpt, _say
+from cluster.commands_finetune import AddressOpt, ForwardAwsOpt, _say
 
 class Device(str, enum.Enum):
     auto = "auto"
@@ -67,6 +67,7 @@ def serve_deploy(
                                                                     "(weights download and load included)")] = 600,
     dry_run: Annotated[bool, typer.Option("--dry-run", help="print the Serve config (RayService serveConfigV2 "
                                                             "format) instead of deploying")] = False,
+    forward_aws_env: ForwardAwsOpt = False,
     address: AddressOpt = None, storage: StorageOpt = None, json_: JsonOpt = False,
 ) -> None:
     """Deploy the endpoint; returns once it answers /health."""
@@ -87,13 +88,15 @@ def serve_deploy(
                 "max_seq_len": max_seq_len, "gpu_memory_utilization": gpu_memory_utilization,
                 "kv_cache_gib": kv_cache_gib, "tp_setup_timeout_s": timeout}
         if dry_run:
-            config = serve_control.deploy(open_storage(storage), args, address, port=port, dry_run=True)
+            config = serve_control.deploy(open_storage(storage), args, address, port=port, dry_run=True,
+                                          forward_aws=forward_aws_env)
             if json_:
                 emit(config, True)
             else:
                 print(yaml_dump(config))  # plain: rich would read YAML's [..] as markup
             return
-        result = serve_control.deploy(open_storage(storage), args, address, port=port, wait_s=timeout, say=_say)
+        result = serve_control.deploy(open_storage(storage), args, address, port=port, wait_s=timeout, say=_say,
+                                      forward_aws=forward_aws_env)
         emit(result, json_, f"endpoint ready: {result['endpoint']}/v1 serving {model!r} "
                             f"({result['running_replicas']} replica(s), TP={tp})")
     run_guarded(body)

@@ -8,13 +8,15 @@ job record, and hands the run to Ray's Job Submission API as `python -m jobs.run
 from __future__ import annotations
 
 import json
+import shlex
 import sys
 import time
 from pathlib import Path
 
 from cluster.job_store import JobSpec, JobStore, new_job_id
 from cluster.models import model_exists
-from cluster.ray_cluster import ensure_cluster, forwarded_env, job_api_url, resolve_address
+from cluster.ray_cluster import (ensure_cluster, forward_aws_requested, forwarded_env, require_cluster,
+                                 resolve_address)
 from cluster.registry import AdapterRegistry
 from cluster.storage import Storage
 from llama.sft_data import file_sha256, read_dataset
@@ -29,7 +31,7 @@ class SubmitError(ValueError):
 
 def _client(address: str | None):
     from ray.job_submission import JobSubmissionClient
-    return JobSubmissionClient(job_api_url(address))
+    return JobSubmissionClient(require_cluster(address))
 
 
 def check_submission(storage: Storage, spec: JobSpec, data: Path) -> str:
@@ -49,38 +51,41 @@ def check_submission(storage: Storage, spec: JobSpec, data: Path) -> str:
     return file_sha256(data)
 
 
-def _env() -> dict[str, str]:
-    env = forwarded_env(_PASS_ENV)
+def _env(forward_aws: bool | None = None) -> dict[str, str]:
+    env = forwarded_env(_PASS_ENV, forward_aws_requested(forward_aws))
     env.setdefault("DS_ACCELERATOR", "cpu")
     return env
 
 
-def _submit_ray_job(storage: Storage, job_id: str, address: str | None, resume: bool, say) -> str:
+def _submit_ray_job(storage: Storage, job_id: str, address: str | None, resume: bool, say,
+                    forward_aws: bool | None = None) -> str:
     url = ensure_cluster(address, say)
     python = sys.executable if resolve_address(address) is None else "python"
     store = JobStore(storage)
     attempt = store.read(job_id)["attempts"]
     submission_id = job_id if attempt == 0 and not resume else f"{job_id}-r{attempt + 1}-{int(time.time())}"
-    entrypoint = f"{python} -m jobs.run --job-id {job_id} --storage {storage.url}" + (" --resume" if resume else "")
+    entrypoint = shlex.join([python, "-m", "jobs.run", "--job-id", job_id, "--storage", storage.url]
+                            + (["--resume"] if resume else []))
     from ray.job_submission import JobSubmissionClient
     JobSubmissionClient(url).submit_job(entrypoint=entrypoint, submission_id=submission_id,
-                                        runtime_env={"env_vars": {**_env(), "HERD_STORAGE": storage.url}},
+                                        runtime_env={"env_vars": {**_env(forward_aws), "HERD_STORAGE": storage.url}},
                                         metadata={"herd": "finetune", "job_id": job_id})
     store.update(job_id, ray_submission_id=submission_id, state="PENDING", address=url)
     return submission_id
 
 
-def submit(storage: Storage, spec: JobSpec, data: Path, address: str | None, say=print) -> str:
+def submit(storage: Storage, spec: JobSpec, data: Path, address: str | None, say=print,
+           forward_aws: bool | None = None) -> str:
     spec = spec.model_copy(update={"data_sha256": check_submission(storage, spec, data)})
     job_id = new_job_id()
     store = JobStore(storage)
     store.storage.upload_file(data, store.data_key(job_id))
     store.create(job_id, spec)
-    _submit_ray_job(storage, job_id, address, resume=False, say=say)
+    _submit_ray_job(storage, job_id, address, resume=False, say=say, forward_aws=forward_aws)
     return job_id
 
 
-def resume(storage: Storage, job_id: str, address: str | None, say=print) -> str:
+def resume(storage: Storage, job_id: str, address: str | None, say=print, forward_aws: bool | None = None) -> str:
     store = JobStore(storage)
     record = status(storage, job_id, address)
     if record["state"] not in TERMINAL:
@@ -88,7 +93,7 @@ def resume(storage: Storage, job_id: str, address: str | None, say=print) -> str
     if record["state"] == "SUCCEEDED":
         raise SubmitError(f"job {job_id} already succeeded; nothing to resume")
     store.spec(job_id)  # still a valid spec
-    _submit_ray_job(storage, job_id, address, resume=True, say=say)
+    _submit_ray_job(storage, job_id, address, resume=True, say=say, forward_aws=forward_aws)
     return job_id
 
 

@@ -1,7 +1,10 @@
 """The Ray cluster Herd talks to: `--address`/`RAY_ADDRESS`, or a local head Herd starts itself.
 
-The local head is a plain `ray start --head` (it outlives the command, as `herd cluster up`
-promises) with its dashboard on 127.0.0.1, which serves the Job Submission API. On a small
+The local head is `ray start --head` in a session of its own: it outlives the command, as `herd
+cluster up` promises, and the terminal too (a SIGHUP or SIGTERM to the CLI's process group, what
+closing the terminal or a supervisor sends, does not reach it). `herd cluster down` ends exactly
+that session's processes, never another Ray cluster on the machine (`ray stop` would end them all).
+Its dashboard listens on 127.0.0.1 and serves the Job Submission API. On a small
 machine it advertises more logical CPUs than cores (HERD_NUM_CPUS, default 8) so that a
 fine-tuning job's workers and Serve replicas can be scheduled side by side. Serve's HTTP
 ingress on the local head is HAProxy in front of the replicas (see `serve_ingress_env`).
@@ -13,10 +16,13 @@ import importlib.util
 import json
 import os
 import shutil
+import signal
 import socket
 import subprocess
 import sys
 import tempfile
+import time
+import urllib.error
 import urllib.request
 from pathlib import Path
 
@@ -34,11 +40,26 @@ def _dashboard_port() -> int:
     return int(os.environ.get("HERD_DASHBOARD_PORT", "8265"))
 
 
-def forwarded_env(prefixes: tuple[str, ...]) -> dict[str, str]:
+# Never copied into a job's or the endpoint's runtime_env (the Ray dashboard shows those to anyone).
+_NEVER_FORWARDED = frozenset({"HERD_API_KEY"})
+# S3 credentials come from the standard AWS chain on the nodes unless the user asks to copy them.
+AWS_CREDENTIALS = frozenset({"AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY", "AWS_SESSION_TOKEN", "AWS_SECURITY_TOKEN"})
+
+
+def forward_aws_requested(flag: bool | None = None) -> bool:
+    """--forward-aws-env, else HERD_FORWARD_AWS_ENV=1 (what the tests' S3 fixture sets)."""
+    if flag is not None:
+        return flag
+    return os.environ.get("HERD_FORWARD_AWS_ENV", "").lower() in ("1", "true", "yes")
+
+
+def forwarded_env(prefixes: tuple[str, ...], forward_aws: bool = False) -> dict[str, str]:
     """This process's variables that start with `prefixes`: what a job or replica on the cluster
-    needs to reach the same storage (S3 endpoint and credentials, HERD_*) and DeepSpeed's caches.
+    needs to reach the same storage (S3 endpoint, region, HERD_*) and DeepSpeed's caches. Never the
+    API key; AWS credentials only with `forward_aws` (else the nodes' own AWS chain provides them).
     Paths that belong to each node (the model cache) stay the nodes' own."""
-    return {k: v for k, v in os.environ.items() if k.startswith(prefixes) and k not in NODE_LOCAL_ENV}
+    return {k: v for k, v in os.environ.items() if k.startswith(prefixes) and k not in _NEVER_FORWARDED
+            and k not in NODE_LOCAL_ENV and (forward_aws or k not in AWS_CREDENTIALS)}
 
 
 NODE_LOCAL_ENV = frozenset({"HERD_CACHE_DIR"})
@@ -50,7 +71,7 @@ def local_dashboard_url() -> str:
 
 def _dashboard_up(url: str) -> bool:
     try:
-        with urllib.request.urlopen(f"{url}/api/version", timeout=2) as r:
+        with urllib.request.urlopen(f"{url}/api/version", timeout=5) as r:
             return r.status == 200
     except OSError:
         return False
@@ -70,6 +91,27 @@ def job_api_url(address: str | None) -> str:
         return address
     host = address.split("://", 1)[-1].split(":")[0]
     return f"http://{host}:{_dashboard_port()}"
+
+
+def require_cluster(address: str | None) -> str:
+    """The Job API URL of a cluster that answers, else a one-line ClusterError saying how to get one."""
+    url = job_api_url(address)
+    for _ in range(3):  # a loaded head can be slow to answer; only a refused connection means "none"
+        try:
+            with urllib.request.urlopen(f"{url}/api/version", timeout=10):
+                return url
+        except urllib.error.HTTPError:
+            return url  # something answers there: let the real call report what is wrong
+        except (TimeoutError, socket.timeout):
+            return url
+        except urllib.error.URLError as e:
+            if isinstance(e.reason, (TimeoutError, socket.timeout)):
+                return url
+        except OSError:
+            pass
+        time.sleep(0.5)
+    raise ClusterError(f"no Ray cluster answers at {url}; start the local one with `herd cluster up`, "
+                       "or pass --address (RAY_ADDRESS) of a running cluster")
 
 
 def _gcs_port() -> str:
@@ -97,6 +139,42 @@ def _stop_haproxy(gcs_port: str) -> None:
         except (OSError, ValueError):
             continue  # gone meanwhile, or not ours to signal
     shutil.rmtree(state, ignore_errors=True)
+
+
+def _head_state_file(gcs_port: str) -> Path:
+    """What `start_local` records about the head it started (its session id), per GCS port."""
+    return Path(tempfile.gettempdir()) / f"herd-ray-head-{gcs_port}.json"
+
+
+def _session_pids(sid: int) -> list[int]:
+    """Live processes of session `sid` (zombies excluded), from /proc."""
+    pids = []
+    for stat in Path("/proc").glob("[0-9]*/stat"):
+        try:
+            fields = stat.read_text().rsplit(")", 1)[1].split()
+        except (OSError, IndexError):
+            continue  # gone meanwhile
+        # after "pid (comm)": state ppid pgrp session ...
+        if fields[0] != "Z" and int(fields[3]) == sid:
+            pids.append(int(stat.parent.name))
+    return pids
+
+
+def _end_session(sid: int, grace_s: float = 15.0) -> None:
+    """SIGTERM every process of the head's session, SIGKILL what is left after `grace_s`."""
+    for sig, wait_s in ((signal.SIGTERM, grace_s), (signal.SIGKILL, 5.0)):
+        pids = _session_pids(sid)
+        for pid in pids:
+            try:
+                os.kill(pid, sig)
+            except OSError:
+                continue
+        deadline = time.time() + wait_s
+        while pids and time.time() < deadline:
+            time.sleep(0.2)
+            pids = _session_pids(sid)
+        if not pids:
+            return
 
 
 def serve_ingress_env(gcs_port: str) -> dict[str, str]:
@@ -133,17 +211,24 @@ def start_local(num_cpus: int | None = None) -> tuple[str, bool]:
         return url, False
     num_cpus = num_cpus or int(os.environ.get("HERD_NUM_CPUS", "8"))
     gcs_port = _gcs_port()
+    # Ports that are fixed by default get free ones, so that two heads on one machine do not collide.
     cmd = [_ray_bin(), "start", "--head", f"--port={gcs_port}", f"--num-cpus={num_cpus}",
            "--include-dashboard=true", "--dashboard-host=127.0.0.1", f"--dashboard-port={_dashboard_port()}",
+           f"--ray-client-server-port={_free_port()}", f"--dashboard-agent-listen-port={_free_port()}",
            "--disable-usage-stats"]
     # Ray starts its workers at niceness 15. On a local head the clients (herd chat, tests, a
     # benchmark) share the machine with the Serve replicas and proxy, and at nice 0 they would
     # starve the server they talk to; a dedicated cluster sets this in its own manifests.
     env = {**os.environ, "RAY_USAGE_STATS_ENABLED": "0",
            "RAY_worker_niceness": os.environ.get("RAY_worker_niceness", "0"), **serve_ingress_env(gcs_port)}
-    proc = subprocess.run(cmd, capture_output=True, text=True, env=env)
+    # A session of its own (its daemons inherit it): the terminal's hangup does not reach them, and
+    # `stop_local` can end exactly this head's processes by their session id.
+    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env,
+                            start_new_session=True)
+    out, err = proc.communicate()
     if proc.returncode != 0:
-        raise ClusterError(f"`ray start --head` failed:\n{proc.stdout[-1500:]}{proc.stderr[-1500:]}")
+        raise ClusterError(f"`ray start --head` failed:\n{out[-1500:]}{err[-1500:]}")
+    _head_state_file(gcs_port).write_text(json.dumps({"sid": proc.pid, "dashboard": url}))
     import time
     deadline = time.time() + 60
     while time.time() < deadline:
@@ -156,7 +241,7 @@ def start_local(num_cpus: int | None = None) -> tuple[str, bool]:
 def ensure_cluster(address: str | None, say=print) -> str:
     """The Job API URL of the cluster to use, starting the local head when none is given."""
     if resolve_address(address) is not None:
-        return job_api_url(address)
+        return require_cluster(address)
     url, started = start_local()
     if started:
         say(f"started a local Ray cluster (dashboard {url}); stop it with `herd cluster down`")
@@ -164,12 +249,24 @@ def ensure_cluster(address: str | None, say=print) -> str:
 
 
 def stop_local() -> bool:
-    """Stop the local head and everything it runs (jobs, Serve); False if none was running."""
-    running = _dashboard_up(local_dashboard_url())
-    proc = subprocess.run([_ray_bin(), "stop", "--force"], capture_output=True, text=True)
-    if proc.returncode != 0:
-        raise ClusterError(f"`ray stop` failed: {proc.stderr[-1500:]}")
-    _stop_haproxy(_gcs_port())
+    """Stop the local head Herd started and everything it runs (jobs, Serve); False if none was running.
+
+    Only that head's session is ended: other Ray clusters on the machine keep running."""
+    url = local_dashboard_url()
+    running = _dashboard_up(url)
+    gcs_port = _gcs_port()
+    state_file = _head_state_file(gcs_port)
+    try:
+        sid = int(json.loads(state_file.read_text())["sid"])
+    except (OSError, ValueError, KeyError, TypeError):
+        if running:
+            raise ClusterError(f"the Ray cluster at {url} was not started by `herd cluster up`; "
+                               "stop it the way it was started (`ray stop` ends every Ray cluster on this machine)")
+        return False
+    running = running or bool(_session_pids(sid))
+    _end_session(sid)
+    _stop_haproxy(gcs_port)
+    state_file.unlink(missing_ok=True)
     return running
 
 

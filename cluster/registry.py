@@ -16,6 +16,7 @@ import hashlib
 import json
 import os
 import tempfile
+import time
 import uuid
 from pathlib import Path
 from typing import Any
@@ -30,6 +31,8 @@ ADAPTERS = "adapters"
 META_FILE = "herd.json"
 CLAIM_FILE = ".claim"
 FILES = (CONFIG_FILE, WEIGHTS_FILE)
+# A version without herd.json is a push in progress (never deleted) until this old: then abandoned.
+ABANDONED_PUSH_S = 3600.0
 
 
 class RegistryError(StorageError):
@@ -234,25 +237,60 @@ class AdapterRegistry:
         self.storage.write_text(f"{self._prefix(name)}/current", version + "\n")
         return version
 
-    def delete(self, ref: str) -> list[str]:
-        """Delete one version (not the current one while others exist) or the whole adapter."""
+    def _in_flight(self, name: str, complete: list[str]) -> tuple[list[str], list[str]]:
+        """Version folders without a published herd.json: (pushes in progress, abandoned ones).
+
+        A push claims its folder, uploads its files and writes herd.json last; one whose newest
+        file is older than ABANDONED_PUSH_S died midway and may go."""
+        live, abandoned = [], []
+        for v in self.storage.list_children(self._prefix(name)):
+            if not _version_number(v) or v in complete:
+                continue
+            times = [self.storage.modified(k) for k in self.storage.list_keys(self._prefix(name, v))]
+            newest = max((t for t in times if t is not None), default=None)
+            if newest is not None and time.time() - newest > ABANDONED_PUSH_S:
+                abandoned.append(v)
+            else:
+                live.append(v)
+        return live, abandoned
+
+    def _delete_version(self, name: str, version: str) -> None:
+        prefix = self._prefix(name, version)
+        self.storage.delete(f"{prefix}/{META_FILE}")  # first: the version vanishes atomically for readers
+        for fname in (*FILES, CLAIM_FILE):
+            self.storage.delete(f"{prefix}/{fname}")
+        self.storage.delete_prefix(prefix)
+
+    def delete(self, ref: str, all_versions: bool = False) -> list[str]:
+        """Delete one version (`NAME@VERSION`, not the current one while others exist) or, with
+        `all_versions`, every published version of `NAME`. A push still in progress is never
+        deleted; one abandoned for over an hour goes with the whole adapter."""
         name, version = split_ref(ref)
+        if version is None and not all_versions:
+            raise ValueError(f"deleting every version of adapter {name!r} needs --all; "
+                             f"to delete one version: `herd adapters delete {name}@VERSION`")
+        if version is not None and all_versions:
+            raise ValueError(f"--all deletes every version; pass the name only ({name!r}), not {ref!r}")
         versions = self.versions(name)
         if not versions:
             raise RegistryError(f"adapter {name!r} not found in {self.storage.url}")
         if version is None:
-            for v in versions:  # herd.json first: each version vanishes atomically
-                self.storage.delete(f"{self._prefix(name, v)}/{META_FILE}")
-            self.storage.delete_prefix(self._prefix(name))
-            return versions
-        if version not in versions:
-            raise RegistryError(f"adapter {name}@{version} not found; versions: {', '.join(versions)}")
-        if self.current(name) == version and len(versions) > 1:
-            raise RegistryError(f"{name}@{version} is the current version; promote another version first")
-        self.storage.delete(f"{self._prefix(name, version)}/{META_FILE}")
-        for fname in FILES:
-            self.storage.delete(f"{self._prefix(name, version)}/{fname}")
-        if len(versions) == 1:
-            self.storage.delete_prefix(self._prefix(name))
-        return [version]
-
+            deleted = list(versions)
+            for v in versions:
+                self._delete_version(name, v)
+            live, abandoned = self._in_flight(name, [])
+            for v in abandoned:
+                self._delete_version(name, v)
+        else:
+            if version not in versions:
+                raise RegistryError(f"adapter {name}@{version} not found; versions: {', '.join(versions)}")
+            if self.current(name) == version and len(versions) > 1:
+                raise RegistryError(f"{name}@{version} is the current version; promote another version first")
+            self._delete_version(name, version)
+            deleted = [version]
+            live, _ = self._in_flight(name, versions)
+        if deleted == versions:  # nothing published is left
+            self.storage.delete(f"{self._prefix(name)}/current")
+            if not live:
+                self.storage.delete_prefix(self._prefix(name))
+        return deleted

@@ -32,7 +32,7 @@ _TRANSFER = TransferConfig(multipart_threshold=16 * 2**20, multipart_chunksize=1
 
 
 class S3Storage(Storage):
-    def __init__(self, url: str):
+    def __init__(self, url: str, fail_fast: bool = False):
         parsed = urlparse(url)
         if parsed.scheme != "s3" or not parsed.netloc:
             raise StorageError(f"storage root {url!r}: expected s3://bucket/prefix")
@@ -41,14 +41,18 @@ class S3Storage(Storage):
         self.url = f"s3://{self.bucket}/{self.prefix}".rstrip("/")
         self.endpoint = os.environ.get("HERD_S3_ENDPOINT") or os.environ.get("AWS_ENDPOINT_URL")
         self._local = threading.local()
+        # A server answering requests (adapters) gives up in seconds and says the storage is down,
+        # rather than riding out an outage for a minute while its caller waits.
+        self.fail_fast = fail_fast
 
     @property
     def client(self):
         # boto3 clients are thread-safe but sessions are not; one client per thread is simplest.
         client = getattr(self._local, "client", None)
         if client is None:
-            config = Config(s3={"addressing_style": "path"}, retries={"max_attempts": 3, "mode": "standard"},
-                            connect_timeout=5, read_timeout=60)
+            config = Config(s3={"addressing_style": "path"},
+                            retries={"max_attempts": 2 if self.fail_fast else 3, "mode": "standard"},
+                            connect_timeout=2 if self.fail_fast else 5, read_timeout=10 if self.fail_fast else 60)
             client = boto3.session.Session().client(
                 "s3", endpoint_url=self.endpoint, config=config,
                 region_name=os.environ.get("AWS_REGION") or os.environ.get("AWS_DEFAULT_REGION") or "us-east-1")
@@ -85,7 +89,7 @@ class S3Storage(Storage):
         between rounds (HERD_S3_RETRIES rounds, default 5), enough for a server restart or a
         short network blip, and then names the object and the reason.
         """
-        rounds = max(1, int(os.environ.get("HERD_S3_RETRIES", "5")))
+        rounds = 1 if self.fail_fast else max(1, int(os.environ.get("HERD_S3_RETRIES", "5")))
         for attempt in range(rounds):
             try:
                 return fn(*args, **kwargs)
@@ -139,6 +143,13 @@ class S3Storage(Storage):
             return True
         except NotFound:
             return bool(self.list_keys(key))  # a "folder"
+
+    def modified(self, key: str) -> float | None:
+        try:
+            head = self._call("check", key, self.client.head_object, Bucket=self.bucket, Key=self._key(key))
+        except NotFound:
+            return None
+        return head["LastModified"].timestamp()
 
     def _list(self, prefix: str, delimiter: bool) -> tuple[str, list[dict]]:
         base = self._key(prefix) + "/" if prefix not in ("", "/") else (self.prefix + "/" if self.prefix else "")

@@ -8,12 +8,14 @@ replicas that still fit.
 
 from __future__ import annotations
 
+import hashlib
 import os
 import time
 import urllib.request
 
 from cluster.models import model_exists
-from cluster.ray_cluster import ensure_cluster, forwarded_env, job_api_url, resolve_address
+from cluster.ray_cluster import (ensure_cluster, forward_aws_requested, forwarded_env, job_api_url, require_cluster,
+                                 resolve_address)
 from cluster.storage import Storage, StorageError
 
 APP_NAME = "herd"
@@ -63,15 +65,30 @@ def place(args: dict, url: str) -> dict:
     return {**args, "device": device}
 
 
+def api_key_sha256(key: str | None) -> str | None:
+    """What the replicas get instead of HERD_API_KEY: its hash (they compare hashes in constant time)."""
+    return hashlib.sha256(key.encode()).hexdigest() if key else None
+
+
 def deploy(storage: Storage, args: dict, address: str | None, port: int = 8000, wait_s: float = 600,
-           say=print, dry_run: bool = False) -> dict:
+           say=print, dry_run: bool = False, forward_aws: bool | None = None,
+           env: dict[str, str] | None = None) -> dict:
     """Deploy (or update) the endpoint; returns its base URL once /health answers.
 
+    The API key is HERD_API_KEY's hash unless `args` already carry one (a re-deploy keeps what was
+    deployed); `env` is the replicas' environment (default: this process's, without secrets).
     With `dry_run` nothing is contacted: the Serve config is returned as it would be deployed
     (a device left at 'auto' is then decided by `serving.app:build_app` on the cluster)."""
+    args = dict(args)
+    if "api_key_sha256" not in args:
+        args["api_key_sha256"] = api_key_sha256(os.environ.get("HERD_API_KEY"))
+    if env is None:
+        env = forwarded_env(_PASS_ENV, forward_aws_requested(forward_aws))
     if dry_run:  # printed: secrets are shown as the variable they would come from
         env = {k: f"${{{k}}}" if any(w in k for w in ("KEY", "SECRET", "TOKEN", "PASSWORD")) else v
-               for k, v in forwarded_env(_PASS_ENV).items()}
+               for k, v in env.items()}
+        if args.get("api_key_sha256"):
+            args["api_key_sha256"] = "${HERD_API_KEY_SHA256}"
         return serve_config(args, storage.url, port, env, _bind_host(address))
     if not model_exists(storage, args["model"]):
         raise ValueError(f"unknown model {args['model']!r} in {storage.url}; see `herd models list`")
@@ -83,7 +100,7 @@ def deploy(storage: Storage, args: dict, address: str | None, port: int = 8000, 
                              f"{cfg.n_kv_heads} key/value heads")
     url = ensure_cluster(address, say)
     args = place(args, url)
-    env = forwarded_env(_PASS_ENV)
+    env = dict(env)
     env.setdefault("DS_ACCELERATOR", "cpu" if args["device"] == "cpu" else "cuda")
     _client(url).deploy_applications(serve_config(args, storage.url, port, env, _bind_host(address)))
     return wait_ready(address, url, wait_s, say)
@@ -112,10 +129,14 @@ def wait_ready(address: str | None, url: str, wait_s: float, say=print, every_s:
                      f"last status: {last and last['status']}); see the Ray dashboard at {url}")
 
 
+def _app_details(address: str | None) -> tuple[dict, dict | None]:
+    details = _client(require_cluster(address)).get_serve_details()
+    return details, (details.get("applications") or {}).get(APP_NAME)
+
+
 def app_status(address: str | None) -> dict | None:
     """Application status, replicas, the deployed arguments and the HTTP port; None if not deployed."""
-    details = _client(job_api_url(address)).get_serve_details()
-    app = (details.get("applications") or {}).get(APP_NAME)
+    details, app = _app_details(address)
     if not app:
         return None
     deployment = (app.get("deployments") or {}).get(DEPLOYMENT, {})
@@ -145,9 +166,12 @@ def scale(address: str | None, min_replicas: int, max_replicas: int, say=print) 
         raise ServeError("no endpoint is deployed; run `herd serve deploy` first")
     if min_replicas > max_replicas:
         raise ValueError(f"--min-replicas {min_replicas} is above --max-replicas {max_replicas}")
-    args = {**current["args"], "min_replicas": min_replicas, "max_replicas": max_replicas}
+    # Everything else as deployed (API key, the replicas' environment), not the caller's shell.
+    args = {"api_key_sha256": None, **current["args"], "min_replicas": min_replicas, "max_replicas": max_replicas}
+    deployed = (_app_details(address)[1] or {}).get("deployed_app_config") or {}
+    env = dict((deployed.get("runtime_env") or {}).get("env_vars") or {})
     port = int(current["endpoint"].rsplit(":", 1)[1])
-    return deploy(open_storage(args["storage"]), args, address, port=port, say=say)
+    return deploy(open_storage(args["storage"]), args, address, port=port, say=say, env=env)
 
 
 def shutdown(address: str | None) -> bool:

@@ -91,6 +91,10 @@ class Storage(ABC):
             self.download_file(key, local_dir / key[len(prefix.rstrip('/')) + 1:])
         return local_dir
 
+    def modified(self, key: str) -> float | None:
+        """When `key` was last written (seconds since the epoch), None if unknown or missing."""
+        return None
+
     @abstractmethod
     def local_path(self, prefix: str) -> Path | None:
         """The folder itself for a local root (no copy needed); None for remote roots."""
@@ -151,6 +155,12 @@ class LocalStorage(Storage):
     def exists(self, key: str) -> bool:
         return self._path(key).exists()
 
+    def modified(self, key: str) -> float | None:
+        try:
+            return self._path(key).stat().st_mtime
+        except FileNotFoundError:
+            return None
+
     def _walk(self, prefix: str) -> Iterator[Path]:
         base = self._path(prefix)
         if base.is_dir():
@@ -175,12 +185,13 @@ class LocalStorage(Storage):
         return self._path(prefix)
 
 
-def open_storage(url: str | None = None) -> Storage:
-    """`--storage` / `HERD_STORAGE` / the default local folder -> a backend."""
+def open_storage(url: str | None = None, fail_fast: bool = False) -> Storage:
+    """`--storage` / `HERD_STORAGE` / the default local folder -> a backend (`fail_fast`: S3 gives up
+    in seconds instead of riding out an outage, for a server that must answer its callers)."""
     url = url or os.environ.get("HERD_STORAGE") or DEFAULT_ROOT
     if url.startswith("s3://"):
         from cluster.s3_storage import S3Storage
-        return S3Storage(url)
+        return S3Storage(url, fail_fast=fail_fast)
     if "://" in url:
         raise StorageError(f"storage root {url!r}: only local folders and s3://bucket/prefix are supported")
     return LocalStorage(url)

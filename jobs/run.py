@@ -81,6 +81,8 @@ def ray_storage(storage_url: str, job_id: str):
     fs = pyarrow.fs.S3FileSystem(
         endpoint_override=endpoint.split("://", 1)[-1] or None, scheme=scheme if endpoint else "https",
         access_key=os.environ.get("AWS_ACCESS_KEY_ID"), secret_key=os.environ.get("AWS_SECRET_ACCESS_KEY"),
+        # temporary credentials (STS, SSO) are only valid with their session token
+        session_token=os.environ.get("AWS_SESSION_TOKEN") if os.environ.get("AWS_ACCESS_KEY_ID") else None,
         region=os.environ.get("AWS_REGION", "us-east-1"), force_virtual_addressing=False)
     return f"{s3.bucket}/{s3.prefix + '/' if s3.prefix else ''}{key}", fs
 

@@ -9,7 +9,10 @@ replica's placement group), starts an engine, and answers:
 """
 
 import asyncio
+import hashlib
+import hmac
 import json
+import logging
 import os
 import time
 import uuid
@@ -21,19 +24,21 @@ from ray import serve
 from starlette.concurrency import run_in_threadpool
 
 from cluster.placement import app_device, device_config, resource_options
-from cluster.storage import open_storage
+from cluster.storage import StorageError, open_storage
 from llama.generation import SamplingParams
 from llama.tokenizer import DialogError, encode_dialog
 from serving.engine import Engine, ErrorEvent, FinishEvent, TokenEvent
 from serving.engine import Request as GenRequest
 from serving.metrics import ServerMetrics
-from serving.models_view import ModelsView
+from serving.models_view import ModelsView, storage_unavailable
 from serving.openai_schema import APIError, ChatRequest, CompletionRequest, parse
 
+logger = logging.getLogger("ray.serve")
 api = FastAPI(title="Herd", description="OpenAI-compatible Llama 2 serving")
 
 DEFAULT_COMPLETION_TOKENS = 16  # OpenAI's default for /v1/completions
 DEFAULT_CHAT_TOKENS = 512
+# A replica whose model runner failed this many steps in a row tells Ray Serve it is unhealthy.
 
 
 def _load_runner(cfg: dict):
@@ -69,10 +74,13 @@ class HerdServer:
         # beside the engine thread's own and slows every decode step (serving/engine.py `_loop`).
         torch.set_num_threads(1)
         self.config = config
-        self.api_key = config.get("api_key") or os.environ.get("HERD_API_KEY") or None
+        # The key's sha256 (`herd serve deploy` never ships the key itself), or HERD_API_KEY's on the node.
+        key = os.environ.get("HERD_API_KEY")
+        self.api_key_sha256 = config.get("api_key_sha256") or (hashlib.sha256(key.encode()).hexdigest() if key else None)
         self.max_body = int(config.get("max_body_bytes", 1 << 20))
         self.base = config["model"]
-        self.view = ModelsView(open_storage(config["storage"]), self.base, ttl_s=config.get("adapter_ttl_s", 1.0))
+        self.view = ModelsView(open_storage(config["storage"], fail_fast=True), self.base,
+                               ttl_s=config.get("adapter_ttl_s", 1.0))
         self.runner, self.tok = _load_runner(config)
         self.engine = Engine(self.runner, self.tok, slots=config["max_batch"], max_loras=config["max_loras"],
                              adapter_loader=self.view.load, max_waiting=config.get("max_waiting", 256),
@@ -86,10 +94,11 @@ class HerdServer:
     # ---- plumbing -------------------------------------------------------------------------------
 
     def _authorize(self, request: Request) -> None:
-        if not self.api_key:
+        if not self.api_key_sha256:
             return
-        header = request.headers.get("authorization", "")
-        if header != f"Bearer {self.api_key}":
+        scheme, _, token = request.headers.get("authorization", "").partition(" ")
+        presented = hashlib.sha256(token.strip().encode("utf-8", "surrogateescape")).hexdigest()
+        if scheme.lower() != "bearer" or not hmac.compare_digest(presented, self.api_key_sha256):
             raise APIError(401, "invalid or missing API key: send 'Authorization: Bearer <HERD_API_KEY>'",
                            code="invalid_api_key")
 
@@ -101,15 +110,27 @@ class HerdServer:
 
     # ---- endpoints ------------------------------------------------------------------------------
 
+    def health_problem(self) -> str | None:
+        """Why this replica cannot serve (None: it can): the engine's count of consecutive failed
+        steps (a CUDA error, a dead TP worker) or a stopped engine thread."""
+        return self.engine.health()
+
     def check_health(self) -> None:
-        """Ray Serve's replica health check: a runner that keeps failing gets the replica replaced."""
-        problem = self.engine.health()
-        if problem is not None:
-            raise RuntimeError(problem)
+        """Called by Ray Serve every few seconds; raising makes Serve replace this replica."""
+        problem = self.health_problem()
+        if problem:
+            raise RuntimeError(f"replica unhealthy: {problem}")
 
     @api.get("/health")
-    def health(self) -> dict:
-        return {"status": "ok", "model": self.base, **self.engine.snapshot()}
+    def health(self):
+        problem = self.health_problem()
+        snap = self.engine.snapshot()
+        body = {"status": "unhealthy" if problem else "ok", "model": self.base,
+                "storage": "degraded" if self.view.storage_degraded() else "ok",
+                **{k: snap[k] for k in ("running", "waiting", "free_slots") if k in snap}}
+        if problem:
+            return JSONResponse({**body, "reason": problem}, status_code=503)
+        return body
 
     @api.get("/v1/models")
     async def models(self, request: Request):
@@ -117,7 +138,11 @@ class HerdServer:
             self._authorize(request)
         except APIError as e:
             return e.response()
-        return {"object": "list", "data": await run_in_threadpool(self.view.list)}
+        try:
+            return {"object": "list", "data": await run_in_threadpool(self.view.list)}
+        except StorageError:
+            self.view.storage_failed(StorageError("listing models failed"))
+            return APIError(503, "the model storage is unreachable; retry later", code="storage_unavailable").response()
 
     @api.get("/metrics")
     def metrics_endpoint(self, request: Request):
@@ -125,7 +150,8 @@ class HerdServer:
             self._authorize(request)
         except APIError as e:
             return e.response()
-        return Response(self.metrics.render(self.engine.snapshot()), media_type="text/plain; version=0.0.4")
+        return Response(self.metrics.render(self.engine.snapshot(), self.view.storage_degraded()),
+                        media_type="text/plain; version=0.0.4")
 
     @api.post("/v1/completions")
     async def completions(self, request: Request):
@@ -143,6 +169,9 @@ class HerdServer:
             self._authorize(request)
             body = parse(await self._body(request), ChatRequest if kind == "chat" else CompletionRequest,
                          self.max_body)
+            if ":" in body.model and not self.config.get("max_loras"):
+                raise APIError(400, f"this endpoint serves no adapters (deployed with --max-loras 0); "
+                                    f"use model {self.base!r}", param="model", code="model_not_found")
             adapter = await run_in_threadpool(self.view.resolve, body.model)
             adapter_label = f"{adapter[0]}@{adapter[1]}" if adapter else "base"
             prompt_ids = self._encode(body, kind)
@@ -155,27 +184,38 @@ class HerdServer:
                 self.engine.submit(req)
             except Engine.Overloaded as e:
                 raise APIError(503, f"server overloaded: {e}; retry later", code="overloaded") from None
+            except ValueError as e:  # what the engine refuses (prompt too long, no LoRA slots)
+                raise APIError(400, str(e), code="invalid_request") from None
         except APIError as e:
             self.metrics.requests.labels(kind, adapter_label, str(e.status)).inc()
             return e.response()
-        self.metrics.requests.labels(kind, adapter_label, "200").inc()
+        except Exception as e:  # noqa: BLE001 - a bug: still an OpenAI-shaped answer, and in the log
+            logger.exception("request failed")
+            self.metrics.requests.labels(kind, adapter_label, "500").inc()
+            return APIError(500, f"internal error: {type(e).__name__}", code="internal_error").response()
         rid = f"{'chatcmpl' if kind == 'chat' else 'cmpl'}-{uuid.uuid4().hex[:24]}"
-        if body.stream:
-            include_usage = bool(body.stream_options and body.stream_options.include_usage)
-            return StreamingResponse(self._sse(req, events, kind, rid, body.model, include_usage),
-                                     media_type="text/event-stream")
         finish = None
         try:
-            while True:
+            first = await events.get()  # a request that fails before its first token gets an HTTP error
+            if body.stream and not isinstance(first, ErrorEvent):
+                finish = first  # the stream owns the request from here
+                self.metrics.requests.labels(kind, adapter_label, "200").inc()
+                include_usage = bool(body.stream_options and body.stream_options.include_usage)
+                return StreamingResponse(self._sse(req, events, kind, rid, body.model, include_usage, first),
+                                         media_type="text/event-stream")
+            ev = first
+            while not isinstance(ev, (FinishEvent, ErrorEvent)):
                 ev = await events.get()
-                if isinstance(ev, (FinishEvent, ErrorEvent)):
-                    finish = ev
-                    break
+            finish = ev
         finally:
             if finish is None:  # the client went away: free the slot now
                 self.engine.cancel(req)
         if isinstance(finish, ErrorEvent):
-            return APIError(finish.status, finish.message, code=finish.code).response()
+            error = (storage_unavailable(body.model) if adapter is not None and self.view.storage_degraded()
+                     else APIError(finish.status, finish.message, code=finish.code))
+            self.metrics.requests.labels(kind, adapter_label, str(error.status)).inc()
+            return error.response()
+        self.metrics.requests.labels(kind, adapter_label, "200").inc()
         self._count(req, finish)
         return JSONResponse(self._final_body(kind, rid, body.model, finish))
 
@@ -222,7 +262,7 @@ class HerdServer:
         return {**base, "object": "text_completion", "choices": [choice]}
 
     async def _sse(self, req: GenRequest, events: asyncio.Queue, kind: str, rid: str, model: str,
-                   include_usage: bool) -> AsyncIterator[str]:
+                   include_usage: bool, first: Any = None) -> AsyncIterator[str]:
         created = int(time.time())
         obj = "chat.completion.chunk" if kind == "chat" else "text_completion"
 
@@ -242,7 +282,7 @@ class HerdServer:
         try:
             if kind == "chat":
                 yield chunk({"role": "assistant", "content": ""})
-            pending = None
+            pending = first
             while True:
                 ev, pending = pending or await events.get(), None
                 if isinstance(ev, TokenEvent):
@@ -299,10 +339,9 @@ def deployment_options(args: dict) -> dict:
     return options
 
 
-def build_app(args: dict):
-    """The application builder Serve imports (`serving.app:build_app`)."""
-    args = {**args, "device": app_device(args.get("device", "cpu"))}
-    config = {
+def replica_config(args: dict) -> dict:
+    """The replica's configuration from the CLI's arguments (defaults filled in)."""
+    return {
         "storage": args["storage"], "model": args["model"], "tp": int(args.get("tp", 1)),
         "max_batch": int(args.get("max_batch", 32)), "max_loras": int(args.get("max_loras", 8)),
         "max_lora_rank": int(args.get("max_lora_rank", 64)), "max_waiting": int(args.get("max_waiting", 256)),
@@ -312,5 +351,11 @@ def build_app(args: dict):
         "stream_interval_ms": float(args.get("stream_interval_ms", 0.0)),
         "dtype": str(args.get("dtype", "auto")), "speculate_tokens": int(args.get("speculate_tokens", 8)),
         **device_config(args),
+        "api_key_sha256": args.get("api_key_sha256"),
     }
-    return HerdServer.options(**deployment_options(args)).bind(config)
+
+
+def build_app(args: dict):
+    """The application builder Serve imports (`serving.app:build_app`)."""
+    args = {**args, "device": app_device(args.get("device", "cpu"))}
+    return HerdServer.options(**deployment_options(args)).bind(replica_config(args))

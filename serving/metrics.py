@@ -25,10 +25,13 @@ class ServerMetrics:
         self.running = Gauge("herd_running_requests", "Requests in the running batch", registry=r)
         self.waiting = Gauge("herd_waiting_requests", "Requests waiting for a slot", registry=r)
         self.resident = Gauge("herd_resident_adapters", "LoRA adapters resident in this replica", registry=r)
+        self.storage_degraded = Gauge("herd_storage_degraded", "1 while the model storage does not answer "
+                                      "(resident adapters keep serving)", registry=r)
         self.resident_info = Gauge("herd_adapter_resident", "1 for each resident adapter version",
                                    ["adapter"], registry=r)
 
-    def render(self, snapshot: dict) -> bytes:
+    def render(self, snapshot: dict, storage_degraded: bool = False) -> bytes:
+        self.storage_degraded.set(int(storage_degraded))
         self.running.set(snapshot["running"])
         self.waiting.set(snapshot["waiting"])
         self.kv_used.set(snapshot.get("kv_blocks_used", 0))

@@ -13,6 +13,8 @@ from fastapi.responses import JSONResponse
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
 
 MAX_STOP_STRINGS = 4
+# What a torch.Generator accepts as a seed (int64 and uint64 together).
+MIN_SEED, MAX_SEED = -(2**63), 2**64 - 1
 
 
 class APIError(Exception):
@@ -48,7 +50,7 @@ class _Sampling(BaseModel):
     top_p: float = Field(default=1.0, gt=0.0, le=1.0)
     n: int = Field(default=1, ge=1, le=1)
     stop: str | list[str] | None = None
-    seed: int | None = None
+    seed: int | None = Field(default=None, ge=MIN_SEED, le=MAX_SEED)
     stream: bool = False
     stream_options: StreamOptions | None = None
     user: str | None = None
@@ -104,14 +106,30 @@ class CompletionRequest(_Sampling):
         return v
 
 
+class TextPart(BaseModel):
+    """One part of a message's content in OpenAI's list form; only text parts can be served."""
+    model_config = ConfigDict(extra="ignore")
+    type: Literal["text"]
+    text: str
+
+
 class ChatMessage(BaseModel):
     model_config = ConfigDict(extra="ignore")
     role: Literal["system", "user", "assistant"]
-    content: str
+    content: str | list[TextPart]
+
+    @field_validator("content")
+    @classmethod
+    def _join_parts(cls, v):
+        return v if isinstance(v, str) else "".join(part.text for part in v)
 
 
 class ChatRequest(_Sampling):
     messages: list[ChatMessage] = Field(min_length=1)
+
+
+def _no_constant(name: str):
+    raise ValueError(f"{name} is not a JSON number")
 
 
 def parse(body: bytes, schema: type[BaseModel], max_bytes: int) -> Any:
@@ -119,9 +137,13 @@ def parse(body: bytes, schema: type[BaseModel], max_bytes: int) -> Any:
     if len(body) > max_bytes:
         raise APIError(413, f"request body is {len(body)} bytes; the limit is {max_bytes}", code="body_too_large")
     try:
-        raw = json.loads(body)
-    except (json.JSONDecodeError, UnicodeDecodeError) as e:
-        raise APIError(400, f"request body is not valid JSON: {e}", code="invalid_json") from None
+        raw = json.loads(body, parse_constant=_no_constant)
+        # Every string must be real Unicode: a lone surrogate ("\ud800") decodes but cannot be encoded.
+        json.dumps(raw, ensure_ascii=False).encode("utf-8")
+    except UnicodeError as e:
+        raise APIError(400, f"request body is not valid UTF-8 text: {e.reason}", code="invalid_json") from None
+    except (ValueError, RecursionError) as e:  # JSONDecodeError, NaN/Infinity, a number of 4,300+ digits
+        raise APIError(400, f"request body is not valid JSON: {str(e)[:200]}", code="invalid_json") from None
     if not isinstance(raw, dict):
         raise APIError(400, "request body must be a JSON object", code="invalid_json")
     try:

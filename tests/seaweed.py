@@ -41,8 +41,10 @@ class SeaweedServer:
     cmd: list[str]
 
     def env(self) -> dict[str, str]:
+        # HERD_FORWARD_AWS_ENV: jobs and replicas on the test's Ray head get these credentials too
+        # (a real cluster's nodes have their own AWS credential chain).
         return {"AWS_ACCESS_KEY_ID": self.access_key, "AWS_SECRET_ACCESS_KEY": self.secret_key,
-                "HERD_S3_ENDPOINT": self.endpoint, "AWS_REGION": "us-east-1"}
+                "HERD_S3_ENDPOINT": self.endpoint, "AWS_REGION": "us-east-1", "HERD_FORWARD_AWS_ENV": "1"}
 
     def restart(self, timeout: float = 60.0) -> None:
         """Start again on the same ports and data (after `stop`).

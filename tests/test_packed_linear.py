@@ -86,15 +86,28 @@ def test_bf16_runner_with_adapters_tracks_fp32(tmp_path):
         assert delta_ref > 0 and (got[row] - got[0]).abs().max().item() > 0.5 * delta_ref
 
 
-def test_inference_dtype_auto_follows_the_checkpoint(tmp_path):
+@pytest.mark.parametrize("native_bf16", ["1", "0"])
+def test_inference_dtype_auto_follows_the_checkpoint(tmp_path, monkeypatch, caplog, native_bf16):
+    monkeypatch.setenv("HERD_CPU_BF16", native_bf16)
+    fp16_on_cpu = torch.bfloat16 if native_bf16 == "1" else torch.float32  # emulated bf16 is slower than fp32
     for stored, expected in (("float32", torch.float32), ("bfloat16", torch.bfloat16),
-                             ("float16", torch.bfloat16), (None, torch.float32)):
+                             ("float16", fp16_on_cpu), (None, torch.float32)):
         (tmp_path / "config.json").write_text(json.dumps({"torch_dtype": stored} if stored else {}))
         assert inference_dtype("auto", tmp_path) == expected
+    assert f"runs in {str(fp16_on_cpu)[6:]} on this CPU" in caplog.text  # it says which it chose
     assert inference_dtype("float16", tmp_path) == torch.float16  # an explicit choice is kept
     assert inference_dtype("bfloat16", tmp_path) == torch.bfloat16
     with pytest.raises(ValueError, match="unknown dtype 'fp8'"):
         inference_dtype("fp8", tmp_path)
+
+
+def test_native_bf16_is_read_from_the_cpu_flags(monkeypatch):
+    from llama.weights import cpu_has_native_bf16
+    monkeypatch.delenv("HERD_CPU_BF16", raising=False)
+    assert cpu_has_native_bf16("processor\t: 0\nflags\t\t: fpu sse2 avx2 avx512f avx512bw avx512_bf16\n")
+    assert cpu_has_native_bf16("processor\t: 0\nflags\t\t: fpu sse2 avx2 amx_bf16 amx_tile\n")
+    assert cpu_has_native_bf16("processor\t: 0\nFeatures\t: fp asimd bf16 i8mm\n")  # Arm (Graviton 3)
+    assert not cpu_has_native_bf16("processor\t: 0\nflags\t\t: fpu sse2 avx2 avx512f avx512bw avx512_vnni\n")
 
 
 def test_engine_runs_the_model_with_its_own_thread_count(tokenizer_path):

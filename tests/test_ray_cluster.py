@@ -3,6 +3,9 @@
 import subprocess
 import sys
 import time
+from pathlib import Path
+
+import pytest
 
 from cluster import ray_cluster
 
@@ -37,3 +40,48 @@ def test_stop_haproxy_ends_only_this_clusters_processes(tmp_path, monkeypatch):
         for p in (mine, theirs):
             p.kill()
             p.wait()
+
+
+def _port() -> int:
+    import socket
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@pytest.mark.usefixtures("ray_cluster")
+def test_local_head_outlives_its_terminal_and_down_stops_only_it(tmp_path):
+    """`herd cluster up` from a shell in its own session; the session's group gets SIGHUP and SIGTERM
+    (closing the terminal, a supervisor): the head still answers. `herd cluster down` then ends that
+    head and leaves the test session's own Ray cluster (`ray_cluster`) running."""
+    import os
+    import signal
+
+    from clirun import herd
+    env = {**os.environ, "HERD_DASHBOARD_PORT": str(_port()), "HERD_GCS_PORT": str(_port()), "HERD_NUM_CPUS": "1"}
+    env.pop("RAY_ADDRESS", None)
+    url = f"http://127.0.0.1:{env['HERD_DASHBOARD_PORT']}"
+    log = tmp_path / "up.log"
+    shell = subprocess.Popen(["sh", "-c", f"{Path(sys.executable).parent / 'herd'} cluster up > {log} 2>&1; "
+                                          "echo done >> " + str(log) + "; sleep 300"],
+                             env=env, start_new_session=True)
+    try:
+        deadline = time.time() + 180
+        while time.time() < deadline and "done" not in (log.read_text() if log.exists() else ""):
+            time.sleep(0.5)
+        assert "started: local Ray cluster" in log.read_text(), log.read_text()
+        assert ray_cluster._dashboard_up(url)
+        os.killpg(shell.pid, signal.SIGHUP)
+        os.killpg(shell.pid, signal.SIGTERM)
+        assert shell.wait(timeout=10) != 0
+        time.sleep(3)  # let anything the signals reached die before asking the head
+        assert ray_cluster.cluster_status(url)["running"]
+        out = herd("cluster", "down", env={k: env[k] for k in ("HERD_DASHBOARD_PORT", "HERD_GCS_PORT")})
+        assert "stopped the local Ray cluster" in out.output
+        assert not ray_cluster._dashboard_up(url)
+    finally:
+        if shell.poll() is None:
+            shell.kill()
+        if ray_cluster._dashboard_up(url):
+            herd("cluster", "down", env={k: env[k] for k in ("HERD_DASHBOARD_PORT", "HERD_GCS_PORT")}, expect=None)
+    assert ray_cluster._dashboard_up(ray_cluster.local_dashboard_url())  # the session's cluster lives on

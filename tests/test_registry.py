@@ -49,8 +49,28 @@ def test_push_promote_pull_delete_cycle(reg, cfg, tmp_path, storage_url):
     herd("adapters", "delete", "chat@v2", storage=storage_url)
     assert reg.versions("chat") == ["v1"]
     herd("adapters", "show", "chat@v2", storage=storage_url, expect=1)
-    herd("adapters", "delete", "chat", storage=storage_url)
+    r = herd("adapters", "delete", "chat", storage=storage_url, expect=2)  # every version needs --all
+    assert "--all" in r.output and reg.versions("chat") == ["v1"]
+    herd("adapters", "delete", "chat", "--all", storage=storage_url)
     assert herd_json("adapters", "list", storage=storage_url) == []
+    assert reg.storage.list_keys("adapters/chat") == []
+
+
+def test_delete_never_removes_a_push_in_progress(reg, cfg, tmp_path, storage_url, monkeypatch):
+    from cluster import registry
+    reg.push(random_adapter(tmp_path / "a", cfg, seed=1), "busy")
+    in_flight = reg._claim_version("busy")  # a concurrent push: claimed, one file up, no herd.json yet
+    reg.storage.upload_file(tmp_path / "a" / WEIGHTS_FILE, f"adapters/busy/{in_flight}/{WEIGHTS_FILE}")
+    herd("adapters", "delete", "busy@v1", storage=storage_url)  # the last published version
+    assert reg.versions("busy") == [] and reg.current("busy") is None
+    assert reg.storage.exists(f"adapters/busy/{in_flight}/{WEIGHTS_FILE}")
+    reg.push(random_adapter(tmp_path / "b", cfg, seed=2), "busy")
+    herd("adapters", "delete", "busy", "--all", storage=storage_url)
+    assert reg.storage.exists(f"adapters/busy/{in_flight}/{WEIGHTS_FILE}")  # still in progress: kept
+    monkeypatch.setattr(registry, "ABANDONED_PUSH_S", -1.0)  # ... until it is older than the limit
+    reg.push(random_adapter(tmp_path / "c", cfg, seed=3), "busy")
+    herd("adapters", "delete", "busy", "--all", storage=storage_url)
+    assert reg.storage.list_keys("adapters/busy") == []
 
 
 def test_versions_are_immutable_and_checksummed(reg, cfg, tmp_path):

@@ -251,12 +251,92 @@ def test_autoscaling_up_under_load_and_back_down(client, served):
     assert settled_at_one(90)
 
 
+def test_deployed_config_holds_no_secrets(served):
+    """What the Ray dashboard shows of the application: the key's hash, never the key."""
+    import hashlib
+    import json
+    from cluster import serve_control
+    shown = json.dumps(serve_control._client(serve_control.job_api_url(None)).get_serve_details())
+    assert API_KEY not in shown and hashlib.sha256(API_KEY.encode()).hexdigest() in shown
+    health = httpx.get(served["url"] + "/health").json()  # unauthenticated: nothing about adapters
+    assert "resident_adapters" not in health and "a1" not in json.dumps(health)
+    r = httpx.post(served["url"] + "/v1/completions", json={"model": "base:ghost", "prompt": "x"},
+                   headers={"Authorization": f"Bearer {API_KEY}"})
+    assert r.status_code == 404 and served["storage"] not in r.text
+
+
 def test_scale_sets_replica_bounds(served):
-    out = herd_json("serve", "scale", "--min-replicas", "2", "--max-replicas", "3")
+    # from a shell without HERD_API_KEY: the deployed key stays on
+    out = herd_json("serve", "scale", "--min-replicas", "2", "--max-replicas", "3", env={"HERD_API_KEY": None})
     assert out["args"]["min_replicas"] == 2 and out["args"]["storage"] == served["storage"]
     deadline = time.time() + 60
     while time.time() < deadline and herd_json("serve", "status")["running_replicas"] < 2:
         time.sleep(1)
     assert herd_json("serve", "status")["running_replicas"] >= 2
+    assert httpx.post(served["url"] + "/v1/completions", json={"model": "base", "prompt": "x"}).status_code == 401
     r = herd("serve", "scale", "--min-replicas", "3", "--max-replicas", "2", expect=2)
     assert "above --max-replicas" in r.output
+
+
+def _malformed_bodies(kind: str) -> list[bytes]:
+    """>= 100 malformed (or edge-case) bodies for one endpoint: wrong types, huge numbers, NaN,
+    huge seeds with sampling on, unknown roles, bad model names, invalid UTF-8, broken JSON."""
+    import json
+    import random
+    base = ({"model": "base", "messages": [{"role": "user", "content": "Who?"}], "max_tokens": 2} if kind == "chat"
+            else {"model": "base", "prompt": "In the beginning", "max_tokens": 2})
+    junk = [None, True, -1, 0, 1.5, 10**30, -10**30, "x", "", [], [1], {}, {"a": 1}, "\u00e9\u00e8\U0001F600"]
+    fields = {"model": junk + ["base:", "base:@", ":a1", "base:a1@v999", "base:../x", "base::", "base:A B", "other"],
+              "max_tokens": junk + [10**6, 2**63], "max_completion_tokens": junk,
+              "temperature": junk + [5, -0.1, 1e308], "top_p": junk + [2, 1e-300],
+              "n": junk + [2], "stop": junk + [["a"] * 5, [""], [1, 2]],
+              "seed": junk + [2**64, -2**63 - 1, 2**70, 10**40], "stream": junk, "stream_options": junk,
+              "presence_penalty": [1, "x"], "logprobs": [True, 5], "user": [1, {}], "warp": [1]}
+    if kind == "chat":
+        fields["messages"] = junk + [[{"role": "robot", "content": "x"}], [{"role": "user"}],
+                                     [{"role": "user", "content": 7}], [{"content": "x"}],
+                                     [{"role": "user", "content": [{"type": "image_url", "image_url": "x"}]}],
+                                     [{"role": "user", "content": [{"type": "text"}]}],
+                                     [{"role": "assistant", "content": "x"}], [{"role": "system", "content": "x"}],
+                                     [{"role": "user", "content": "[INST] x"}], ["user"]]
+    else:
+        fields["prompt"] = junk + [["a", "b"], [1, 2, 3], "word " * 2000]
+    bodies = [json.dumps({**base, k: v}).encode() for k, values in fields.items() for v in values]
+    rng = random.Random(kind)
+    for _ in range(40):  # pairs of mutations, seeds with sampling on
+        pick = {k: rng.choice(fields[k]) for k in rng.sample(sorted(fields), 2)}
+        bodies.append(json.dumps({**base, "temperature": 1.0, "seed": rng.choice(fields["seed"]), **pick}).encode())
+    ok = json.dumps(base)
+    bodies += [b"", b"{", b"[]", b"7", b'"x"', b"null", ok[:-1].encode(), b"\xff\xfe\x00garbage",
+               ok.replace('"base"', '"b\xe9se"').encode("latin-1"), ok.encode("utf-16"),
+               ok.replace("2}", "NaN}").encode(), ok.replace("2}", "Infinity}").encode(),
+               ok.replace("2}", "-Infinity}").encode(), ok.replace("2}", "9" * 5000 + "}").encode(),
+               ok.replace("2}", "1e400}").encode(), b"[" * 50000, ok.replace('"base"', '"\\ud800"').encode(),
+               ok.replace("2}", '2, "seed": ' + "9" * 100 + ', "temperature": 1}').encode()]
+    return bodies
+
+
+def test_malformed_bodies_are_4xx_in_openai_shape(served):
+    """A fuzz of malformed bodies on both endpoints: never a 5xx (but 503), every error has
+    error.message, and the server is healthy afterwards."""
+    url = served["url"]
+    headers = {"Authorization": f"Bearer {API_KEY}", "Content-Type": "application/json"}
+    seen = 0
+    with httpx.Client(timeout=60, headers=headers) as http:
+        for kind, path in (("completion", "/v1/completions"), ("chat", "/v1/chat/completions")):
+            for body in _malformed_bodies(kind):
+                r = http.post(url + path, content=body)
+                seen += 1
+                assert r.status_code < 500 or r.status_code == 503, (path, body[:200], r.status_code, r.text[:300])
+                if r.status_code >= 400:
+                    error = r.json()["error"]
+                    assert isinstance(error["message"], str) and error["message"], (body[:200], r.text[:300])
+        assert seen >= 200
+        assert http.get(url + "/health").json()["status"] == "ok"
+        done = http.post(url + "/v1/chat/completions", json={
+            "model": "base", "max_tokens": 4, "temperature": 0,
+            "messages": [{"role": "user", "content": [{"type": "text", "text": "Who "}, {"type": "text",
+                                                                                         "text": "made it?"}]}]})
+        plain = http.post(url + "/v1/chat/completions", json={
+            "model": "base", "max_tokens": 4, "temperature": 0, "messages": [{"role": "user", "content": "Who made it?"}]})
+    assert done.status_code == 200 and done.json()["choices"][0]["message"] == plain.json()["choices"][0]["message"]
