@@ -9,14 +9,17 @@ rank with the least room); rank 0 samples on its device, so only token ids trave
 logits. A worker that does not answer within `step_timeout_s` fails the step (and, repeated,
 the replica's health check) instead of hanging it.
 
-A step still reaches each worker as one Ray call (the inputs are a few small lists); vLLM's
-shared-memory broadcast of step inputs is not done here.
+Steps reach the workers through shared memory (serving/step_channel.py, as vLLM's executor
+broadcasts them) when the group is on the replica's node, which STRICT_PACK makes the rule;
+otherwise, or for a step too large for the buffer, as one Ray call per worker.
 """
 
 from __future__ import annotations
 
+import logging
 import os
 import tempfile
+import threading
 from pathlib import Path
 
 import ray
@@ -29,6 +32,7 @@ from llama.lora import LoraSpec
 from llama.tokenizer import Tokenizer
 from serving.runner import StepBatch, StepOutput
 
+log = logging.getLogger("herd.tp")
 DEFAULT_STEP_TIMEOUT_S = 120.0  # above a first step's warm-up on a loaded machine
 
 
@@ -41,6 +45,7 @@ class TPWorker:
         self.rank, self.world = rank, world
         self.args = (storage_url, model, slots, max_loras, max_lora_rank, max_seq_len, dtype)
         self._store = None
+        self._lock = threading.Lock()  # one step or adapter load at a time (Ray calls and the channel)
         self.device = torch.device(torch_device(device))
 
     def open_store(self) -> tuple[str, int]:
@@ -87,12 +92,22 @@ class TPWorker:
         from llama.packed_linear import weight_numel
         return weight_numel(self.model)
 
+    def node_id(self) -> str:
+        return ray.get_runtime_context().get_node_id()
+
+    def start_steps(self, spec: dict) -> None:
+        """Serve steps from the replica's shared-memory channel, in a thread of this actor."""
+        from serving.step_channel import serve_steps
+        serve_steps(spec, self.rank, self.runner.execute, self._lock)
+
     def execute(self, batch: StepBatch) -> StepOutput | None:
-        out = self.runner.execute(batch)
+        with self._lock:
+            out = self.runner.execute(batch)
         return out if self.rank == 0 else None
 
     def load_adapter(self, slot: int, spec: LoraSpec, state: dict) -> None:
-        self.runner.load_adapter_shard(slot, spec, state, self.rank, self.world)
+        with self._lock:
+            self.runner.load_adapter_shard(slot, spec, state, self.rank, self.world)
 
 
 def _tokenizer(storage: Storage, model: str) -> Tokenizer:
@@ -115,6 +130,23 @@ class TPRunner:
         self.max_seq_len = max_seq_len
         self.num_blocks = num_blocks
         self.step_timeout_s = step_timeout_s
+        self.channel = self._open_channel()
+
+    def _open_channel(self):
+        """Shared memory to workers on this node; None (Ray calls) when any is elsewhere or it fails."""
+        from serving.step_channel import StepChannel
+        here = ray.get_runtime_context().get_node_id()
+        if any(node != here for node in ray.get([w.node_id.remote() for w in self.workers])):
+            return None
+        channel = StepChannel(len(self.workers))
+        try:
+            ray.get([w.start_steps.remote(channel.spec()) for w in self.workers], timeout=self.step_timeout_s)
+            channel.connect(self.step_timeout_s)
+        except Exception:  # noqa: BLE001 - fall back to Ray calls
+            log.exception("shared-memory step channel unavailable; TP steps go by Ray call")
+            channel.close()
+            return None
+        return channel
 
     @classmethod
     def create(cls, storage: Storage, model: str, tp: int, slots: int, max_loras: int, max_lora_rank: int,
@@ -146,11 +178,19 @@ class TPRunner:
         return cls(workers, cfg, length, num_blocks, step_timeout_s), _tokenizer(storage, model)
 
     def execute(self, batch: StepBatch) -> StepOutput:
+        from serving.step_channel import StepTooLarge
+        if self.channel is not None:
+            try:
+                return self.channel.send(batch, self.step_timeout_s)
+            except StepTooLarge:
+                pass
         return ray.get([w.execute.remote(batch) for w in self.workers], timeout=self.step_timeout_s)[0]
 
     def load_adapter(self, slot, spec, state):
         ray.get([w.load_adapter.remote(slot, spec, state) for w in self.workers], timeout=self.step_timeout_s)
 
     def shutdown(self) -> None:
+        if self.channel is not None:
+            self.channel.close()
         for w in self.workers:
             ray.kill(w)

@@ -104,6 +104,7 @@ def test_tp2_runner_matches_tp1(tp_storage):
         batch = StepBatch(tokens, [0, 0], [[1], [2]], [0, 1], SamplingBatch([0.0, 1.0], [1.0, 0.9], [0, 0], [0, 7],
                                                                           [0, 0]), verify=True)
         assert tp.num_blocks == one.num_blocks
+        assert tp.channel is not None  # steps go through shared memory (the workers share this node)
         got, want = tp.execute(batch), one.execute(batch)
         assert got.picks == want.picks and got.sampled == want.sampled
         import queue
