@@ -214,6 +214,13 @@ def test_metrics_and_chat_cli(served):
                  "herd_time_to_first_token_seconds_bucket", "herd_resident_adapters", "herd_running_requests"):
         assert name in text, name
     assert 'adapter="a3@v1"' in text
+    values = {line.split()[0]: float(line.split()[1]) for line in text.splitlines()
+              if line and not line.startswith("#") and len(line.split()) == 2}
+    # the paged KV pool and the latency histograms of the engine
+    assert values["herd_kv_blocks_free"] > 0 and values["herd_kv_blocks_used"] >= 0
+    assert values["herd_preemptions"] >= 0
+    assert values["herd_inter_token_latency_seconds_count"] >= 1
+    assert values["herd_time_to_first_token_seconds_count"] >= 1
     assert httpx.get(served["url"] + "/metrics").status_code == 401
     st = herd_json("serve", "status")
     assert st["status"] == "RUNNING" and st["running_replicas"] >= 1
