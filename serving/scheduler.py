@@ -1,8 +1,8 @@
 """What runs in the next engine step: admission, KV blocks, chunked prefill, preemption.
 
 Every step has up to two forwards: one prefill chunk pass over requests whose prompts are not
-yet in the cache (at most `prefill_chunk` prompt tokens in all, so a long prompt is spread over
-several steps instead of stalling every running request for its whole length), and one decode
+yet in the cache (a padded batch of at most `prefill_chunk` token cells, so a long prompt is
+spread over several steps instead of stalling every running request for its whole length), and one decode
 pass over the running requests (one token each, or a speculative window while the batch is
 small).
 
@@ -73,13 +73,13 @@ class Scheduler:
         plan = Plan()
         self._grow_running(plan)
         self._admit(plan)
-        budget = self.prefill_chunk
-        for req in self.prefilling:
-            if budget <= 0 or len(plan.prefill) >= self.max_prefills:
-                break
-            n = min(len(req.tokens) - req.computed, budget)
-            plan.prefill.append((req, n))
-            budget -= n
+        rows = self.prefilling[: self.max_prefills]
+        if rows:
+            # One padded [rows, width] pass of at most `prefill_chunk` cells: short prompts go whole,
+            # a long one is cut into chunks of `width` (never less than 16 tokens).
+            remaining = [len(r.tokens) - r.computed for r in rows]
+            width = min(max(remaining), max(self.prefill_chunk // len(rows), 16))
+            plan.prefill = [(r, min(n, width)) for r, n in zip(rows, remaining)]
         return plan
 
     def _grow_running(self, plan: Plan) -> None:

@@ -78,6 +78,13 @@ def test_long_prompt_is_prefilled_in_chunks_beside_running_decodes(tokenizer_pat
     assert sum(1 for c in calls if c == [16]) >= 5  # the 101-token prompt took several chunk passes
     ref = generate(make_model(CFG, seed=1), long_prompt, SamplingParams(max_tokens=5), eos_id=2).token_ids
     assert events[0][-1].token_ids == ref
+    # a long and a short prompt arriving together: one padded pass stays within the chunk's cells
+    calls.clear()
+    engine.scheduler.prefill_chunk = 32
+    both = _run_all(engine, [(long_prompt, SamplingParams(max_tokens=5)), ([1, 9, 8, 7], SamplingParams(max_tokens=5))])
+    prefill_passes = [c for c in calls if max(c) > 1]
+    assert prefill_passes and all(len(c) * max(c) <= 32 for c in prefill_passes)
+    assert both[0][-1].token_ids == ref
     engine.shutdown()
 
 
