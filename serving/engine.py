@@ -231,7 +231,7 @@ class Engine:
         if req.detok.stopped:
             self._finish(req, "stop")
             return
-        if len(req.generated) >= req.params.max_tokens or len(req.tokens) >= self.max_seq_len:
+        if len(req.generated) >= req.params.max_tokens or req.num_tokens >= self.max_seq_len:
             self._finish(req, "length")
             return
         if (end_of_step and req.unflushed >= self.stream_interval

@@ -67,5 +67,9 @@ class Request:
         return self.prompt_ids + self.generated
 
     @property
+    def num_tokens(self) -> int:
+        return len(self.prompt_ids) + len(self.generated)
+
+    @property
     def text(self) -> str:
         return self.detok.text if self.detok else ""

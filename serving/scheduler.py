@@ -77,7 +77,7 @@ class Scheduler:
         if rows:
             # One padded [rows, width] pass of at most `prefill_chunk` cells: short prompts go whole,
             # a long one is cut into chunks of `width` (never less than 16 tokens).
-            remaining = [len(r.tokens) - r.computed for r in rows]
+            remaining = [r.num_tokens - r.computed for r in rows]
             width = min(max(remaining), max(self.prefill_chunk // len(rows), 16))
             plan.prefill = [(r, min(n, width)) for r, n in zip(rows, remaining)]
         return plan
@@ -156,7 +156,7 @@ class Scheduler:
                     skipped.append(req)
                     continue
                 req.lora_slot = slot
-            need = self.pool.needed(req.block_table, len(req.tokens))
+            need = self.pool.needed(req.block_table, req.num_tokens)
             if need > self.pool.free:
                 skipped.append(req)
                 break  # first come, first served: no overtaking on blocks
@@ -182,7 +182,7 @@ class Scheduler:
     def prefilled(self, req: Request, n: int) -> bool:
         """A chunk of `n` tokens is in the cache; True when the whole prompt is (it decodes next)."""
         req.computed += n
-        if req.computed < len(req.tokens):
+        if req.computed < req.num_tokens:
             return False
         self.prefilling.remove(req)
         self.running.append(req)
