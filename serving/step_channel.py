@@ -1,7 +1,8 @@
 """Step inputs to the TP workers through shared memory, not a Ray call per worker per step.
 
 A TP group stays on its replica's node (STRICT_PACK), so the replica can hand every step to its
-workers the way vLLM's executor does: it writes the pickled step into a shared-memory buffer and
+workers the way vLLM's executor does: it writes the pickled step into a shared-memory buffer (a
+file on /dev/shm that every process maps) and
 wakes each worker with one byte on its own FIFO; rank 0 writes the step's output (token ids, or
 the error) into a second buffer and wakes the replica through another FIFO. A worker blocks in
 `read` between steps (no spinning), and a step costs two pipe round trips instead of N Ray calls
@@ -22,7 +23,7 @@ import struct
 import tempfile
 import threading
 import time
-from multiprocessing import resource_tracker, shared_memory
+import mmap
 from typing import Callable
 
 HEADER = struct.Struct("<QQ")  # step number, payload bytes
@@ -38,9 +39,11 @@ class StepChannel:
     """The replica's end: `send` one step to every worker and wait for rank 0's output."""
 
     def __init__(self, workers: int):
-        self.dir = tempfile.mkdtemp(prefix="herd-tp-")
-        self.steps = shared_memory.SharedMemory(create=True, size=STEP_CAPACITY)
-        self.results = shared_memory.SharedMemory(create=True, size=RESULT_CAPACITY)
+        # tmpfs where there is one: the buffers are memory, never written back to a disk
+        self.dir = tempfile.mkdtemp(prefix="herd-tp-", dir="/dev/shm" if os.path.isdir("/dev/shm") else None)
+        self.steps_path, self.results_path = os.path.join(self.dir, "steps"), os.path.join(self.dir, "results")
+        self.steps = _map(self.steps_path, STEP_CAPACITY, create=True)
+        self.results = _map(self.results_path, RESULT_CAPACITY, create=True)
         self.wake_paths = [os.path.join(self.dir, f"wake{r}") for r in range(workers)]
         self.done_path = os.path.join(self.dir, "done")
         for path in self.wake_paths + [self.done_path]:
@@ -51,7 +54,7 @@ class StepChannel:
 
     def spec(self) -> dict:
         """What a worker needs to attach (names and paths on this node)."""
-        return {"steps": self.steps.name, "results": self.results.name, "wake": self.wake_paths,
+        return {"steps": self.steps_path, "results": self.results_path, "wake": self.wake_paths,
                 "done": self.done_path}
 
     def connect(self, timeout_s: float) -> None:
@@ -74,18 +77,18 @@ class StepChannel:
         if HEADER.size + len(payload) > STEP_CAPACITY:
             raise StepTooLarge(f"{len(payload)} bytes")
         self.seq += 1
-        HEADER.pack_into(self.steps.buf, 0, self.seq, len(payload))
-        self.steps.buf[HEADER.size:HEADER.size + len(payload)] = payload
+        HEADER.pack_into(self.steps, 0, self.seq, len(payload))
+        self.steps[HEADER.size:HEADER.size + len(payload)] = payload
         for fd in self.wake_fds:
             os.write(fd, b"s")
         ready, _, _ = select.select([self.done_fd], [], [], timeout_s)
         if not ready:
             raise TimeoutError(f"no TP worker answered step {self.seq} within {timeout_s:.0f}s")
         os.read(self.done_fd, 1)
-        seq, n = HEADER.unpack_from(self.results.buf, 0)
+        seq, n = HEADER.unpack_from(self.results, 0)
         if seq != self.seq:
             raise RuntimeError(f"TP rank 0 answered step {seq}, expected {self.seq}")
-        out = pickle.loads(self.results.buf[HEADER.size:HEADER.size + n])
+        out = pickle.loads(self.results[HEADER.size:HEADER.size + n])
         if isinstance(out, BaseException):
             raise out
         return out
@@ -97,18 +100,17 @@ class StepChannel:
                 os.close(fd)
             except OSError:
                 pass
-        for shm in (self.steps, self.results):
-            shm.close()
-            shm.unlink()
+        self.steps.close()
+        self.results.close()
         shutil.rmtree(self.dir, ignore_errors=True)
 
 
-def _attach(name: str) -> shared_memory.SharedMemory:
-    shm = shared_memory.SharedMemory(name=name)
-    # The replica owns the buffer: without this, this process's resource tracker would unlink it
-    # (and warn) when the worker exits.
-    resource_tracker.unregister(shm._name, "shared_memory")  # noqa: SLF001
-    return shm
+def _map(path: str, size: int, create: bool = False) -> mmap.mmap:
+    """A file on tmpfs mapped shared: what the replica writes, the workers see."""
+    with open(path, "w+b" if create else "r+b") as f:
+        if create:
+            f.truncate(size)
+        return mmap.mmap(f.fileno(), size)
 
 
 def serve_steps(spec: dict, rank: int, execute: Callable[[object], object], lock: threading.Lock) -> threading.Thread:
@@ -116,13 +118,13 @@ def serve_steps(spec: dict, rank: int, execute: Callable[[object], object], lock
     the FIFO is opened inside the thread (opening blocks until the replica opens its end)."""
 
     def loop() -> None:
-        steps, results = _attach(spec["steps"]), _attach(spec["results"])
+        steps, results = _map(spec["steps"], STEP_CAPACITY), _map(spec["results"], RESULT_CAPACITY)
         wake = os.open(spec["wake"][rank], os.O_RDONLY)
         done = os.open(spec["done"], os.O_WRONLY) if rank == 0 else None
         try:
             while os.read(wake, 1):
-                seq, n = HEADER.unpack_from(steps.buf, 0)
-                step = pickle.loads(steps.buf[HEADER.size:HEADER.size + n])
+                seq, n = HEADER.unpack_from(steps, 0)
+                step = pickle.loads(steps[HEADER.size:HEADER.size + n])
                 try:
                     with lock:
                         out = execute(step)
@@ -133,8 +135,8 @@ def serve_steps(spec: dict, rank: int, execute: Callable[[object], object], lock
                 payload = pickle.dumps(out, protocol=5)
                 if HEADER.size + len(payload) > RESULT_CAPACITY:
                     payload = pickle.dumps(RuntimeError(f"step output of {len(payload)} bytes is too large"))
-                results.buf[HEADER.size:HEADER.size + len(payload)] = payload
-                HEADER.pack_into(results.buf, 0, seq, len(payload))
+                results[HEADER.size:HEADER.size + len(payload)] = payload
+                HEADER.pack_into(results, 0, seq, len(payload))
                 os.write(done, b"d")
         finally:
             os.close(wake)

@@ -17,7 +17,7 @@ def _worker(spec, rank):
 
 
 def test_steps_reach_every_worker_and_rank_0_answers():
-    ctx = multiprocessing.get_context("fork")
+    ctx = multiprocessing.get_context("spawn")  # fresh processes, as Ray workers are
     channel = StepChannel(workers=2)
     procs = [ctx.Process(target=_worker, args=(channel.spec(), r), daemon=True) for r in range(2)]
     for p in procs:
