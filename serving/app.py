@@ -80,6 +80,8 @@ class HerdServer:
                              speculate_tokens=int(config.get("speculate_tokens", 8)),
                              threads=max(1, int(config.get("threads", 1))))
         self.metrics = ServerMetrics()
+        # Names this replica in /health and in a response header (which replica served a request).
+        self.replica_id = uuid.uuid4().hex[:12]
         self.context = self.engine.max_seq_len
 
     # ---- plumbing -------------------------------------------------------------------------------
@@ -122,7 +124,7 @@ class HerdServer:
     def health(self):
         problem = self.health_problem()
         snap = self.engine.snapshot()
-        body = {"status": "unhealthy" if problem else "ok", "model": self.base,
+        body = {"status": "unhealthy" if problem else "ok", "model": self.base, "replica": self.replica_id,
                 "storage": "degraded" if self.view.storage_degraded() else "ok",
                 **{k: snap[k] for k in ("running", "waiting", "free_slots") if k in snap}}
         if problem:
@@ -199,7 +201,7 @@ class HerdServer:
                 self.metrics.requests.labels(kind, adapter_label, "200").inc()
                 include_usage = bool(body.stream_options and body.stream_options.include_usage)
                 return StreamingResponse(self._sse(req, events, kind, rid, body.model, include_usage, first),
-                                         media_type="text/event-stream")
+                                         media_type="text/event-stream", headers={"x-herd-replica": self.replica_id})
             ev = first
             while not isinstance(ev, (FinishEvent, ErrorEvent)):
                 ev = await events.get()
@@ -214,7 +216,7 @@ class HerdServer:
             return error.response()
         self.metrics.requests.labels(kind, adapter_label, "200").inc()
         self._count(req, finish)
-        return JSONResponse(self._final_body(kind, rid, body.model, finish))
+        return JSONResponse(self._final_body(kind, rid, body.model, finish), headers={"x-herd-replica": self.replica_id})
 
     def _encode(self, body, kind: str) -> list[int]:
         if kind == "completion":
