@@ -67,7 +67,8 @@ class HerdServer:
         self.config = config
         # The key's sha256 (`herd serve deploy` never ships the key itself), or HERD_API_KEY's on the node.
         key = os.environ.get("HERD_API_KEY")
-        self.api_key_sha256 = config.get("api_key_sha256") or (hashlib.sha256(key.encode()).hexdigest() if key else None)
+        self.api_key_sha256 = (config.get("api_key_sha256")
+                               or (hashlib.sha256(key.encode()).hexdigest() if key else None))
         self.max_body = int(config.get("max_body_bytes", 1 << 20))
         self.base = config["model"]
         self.view = ModelsView(open_storage(config["storage"], fail_fast=True), self.base,
@@ -216,7 +217,8 @@ class HerdServer:
             return error.response()
         self.metrics.requests.labels(kind, adapter_label, "200").inc()
         self._count(req, finish)
-        return JSONResponse(self._final_body(kind, rid, body.model, finish), headers={"x-herd-replica": self.replica_id})
+        return JSONResponse(self._final_body(kind, rid, body.model, finish),
+                            headers={"x-herd-replica": self.replica_id})
 
     def _encode(self, body, kind: str) -> list[int]:
         if kind == "completion":

@@ -72,6 +72,19 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
+def serve_port() -> int:
+    """The port for a test deployment: Serve keeps the HTTP port of its first deployment on a
+    cluster (a later module deploying elsewhere would never answer), else a free one."""
+    from cluster import serve_control
+    try:
+        details = serve_control._client(serve_control.job_api_url(None)).get_serve_details()
+        if (details.get("http_options") or {}).get("port"):
+            return int(details["http_options"]["port"])
+    except Exception:  # noqa: BLE001 - Serve not started on this cluster yet
+        pass
+    return _free_port()
+
+
 @pytest.fixture(scope="session")
 def ray_cluster():
     """A local Ray head for the session, started and stopped through `herd cluster up/down`."""

@@ -42,13 +42,6 @@ def test_stop_haproxy_ends_only_this_clusters_processes(tmp_path, monkeypatch):
             p.wait()
 
 
-def _port() -> int:
-    import socket
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 @pytest.mark.usefixtures("ray_cluster")
 def test_local_head_outlives_its_terminal_and_down_stops_only_it(tmp_path):
     """`herd cluster up` from a shell in its own session; the session's group gets SIGHUP and SIGTERM
@@ -58,7 +51,9 @@ def test_local_head_outlives_its_terminal_and_down_stops_only_it(tmp_path):
     import signal
 
     from clirun import herd
-    env = {**os.environ, "HERD_DASHBOARD_PORT": str(_port()), "HERD_GCS_PORT": str(_port()), "HERD_NUM_CPUS": "1"}
+    from conftest import _free_port
+    env = {**os.environ, "HERD_DASHBOARD_PORT": str(_free_port()), "HERD_GCS_PORT": str(_free_port()),
+           "HERD_NUM_CPUS": "1"}
     env.pop("RAY_ADDRESS", None)
     url = f"http://127.0.0.1:{env['HERD_DASHBOARD_PORT']}"
     log = tmp_path / "up.log"

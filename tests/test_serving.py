@@ -1,7 +1,6 @@
 """The deployed endpoint on a real local Ray Serve, through the real openai client."""
 
 import os
-import socket
 import threading
 import time
 from pathlib import Path
@@ -12,6 +11,7 @@ import pytest
 
 from adapters import random_adapter
 from clirun import herd, herd_json
+from conftest import serve_port
 from cluster.local_inference import generate_text
 from cluster.models import create_tiny_model, load_config
 from cluster.registry import AdapterRegistry
@@ -19,12 +19,6 @@ from cluster.storage import open_storage
 
 API_KEY = "test-key-123"
 pytestmark = pytest.mark.usefixtures("ray_cluster")
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 @pytest.fixture(scope="module")
@@ -40,7 +34,7 @@ def served(tmp_path_factory, ray_cluster):
     for i, name in enumerate(["a1", "a2", "a3"]):
         reg.push(random_adapter(root / name, cfg, r=4 + 2 * i, alpha=64, targets=targets, seed=i), name)
     reg.push(random_adapter(root / "a1v2", cfg, r=4, alpha=64, targets=targets, seed=99), "a1")  # v2, not current
-    port = _free_port()
+    port = serve_port()
     mp = pytest.MonkeyPatch()
     mp.setenv("HERD_API_KEY", API_KEY)
     out = herd_json("serve", "deploy", "--model", "base", "--port", str(port), "--max-loras", "4",
@@ -347,10 +341,8 @@ def test_malformed_bodies_are_4xx_in_openai_shape(served):
                     assert isinstance(error["message"], str) and error["message"], (body[:200], r.text[:300])
         assert seen >= 200
         assert http.get(url + "/health").json()["status"] == "ok"
-        done = http.post(url + "/v1/chat/completions", json={
-            "model": "base", "max_tokens": 4, "temperature": 0,
-            "messages": [{"role": "user", "content": [{"type": "text", "text": "Who "}, {"type": "text",
-                                                                                         "text": "made it?"}]}]})
-        plain = http.post(url + "/v1/chat/completions", json={
-            "model": "base", "max_tokens": 4, "temperature": 0, "messages": [{"role": "user", "content": "Who made it?"}]})
+        parts = [{"type": "text", "text": "Who "}, {"type": "text", "text": "made it?"}]
+        done, plain = (http.post(url + "/v1/chat/completions", json={
+            "model": "base", "max_tokens": 4, "temperature": 0, "messages": [{"role": "user", "content": content}]})
+            for content in (parts, "Who made it?"))
     assert done.status_code == 200 and done.json()["choices"][0]["message"] == plain.json()["choices"][0]["message"]
