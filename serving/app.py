@@ -151,7 +151,7 @@ class HerdServer:
         except APIError as e:
             return e.response()
         return Response(self.metrics.render(self.engine.snapshot(), self.view.storage_degraded()),
-                        media_type="text/plain; version=0.0.4")
+                        media_type="text/plain; version=0.0.4", headers={"x-herd-replica": self.replica_id})
 
     @api.post("/v1/completions")
     async def completions(self, request: Request):
@@ -209,6 +209,7 @@ class HerdServer:
             finish = ev
         finally:
             if finish is None:  # the client went away: free the slot now
+                self.metrics.disconnects.inc()
                 self.engine.cancel(req)
         if isinstance(finish, ErrorEvent):
             error = (storage_unavailable(body.model) if adapter is not None and self.view.storage_degraded()
@@ -309,6 +310,7 @@ class HerdServer:
                     return
         finally:
             if not finished:  # client disconnected mid-stream: free the slot at once
+                self.metrics.disconnects.inc()
                 self.engine.cancel(req)
 
 
