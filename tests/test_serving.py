@@ -285,10 +285,19 @@ def test_deployed_config_holds_no_secrets(served):
     assert r.status_code == 404 and served["storage"] not in r.text
 
 
+def _deployed_env() -> dict:
+    from cluster import serve_control
+    return serve_control._app_details(None)[1]["deployed_app_config"]["runtime_env"]["env_vars"]
+
+
 def test_scale_sets_replica_bounds(served):
-    # from a shell without HERD_API_KEY: the deployed key stays on
-    out = herd_json("serve", "scale", "--min-replicas", "2", "--max-replicas", "3", env={"HERD_API_KEY": None})
+    env_before = _deployed_env()
+    assert env_before.get("DS_ACCELERATOR") == "cpu"
+    # from a shell without HERD_API_KEY (nor anything else): the deployed key and environment stay
+    out = herd_json("serve", "scale", "--min-replicas", "2", "--max-replicas", "3",
+                    env={"HERD_API_KEY": None, "DS_ACCELERATOR": None, "HERD_CACHE_DIR": None})
     assert out["args"]["min_replicas"] == 2 and out["args"]["storage"] == served["storage"]
+    assert _deployed_env() == env_before
     deadline = time.time() + 60
     while time.time() < deadline and herd_json("serve", "status")["running_replicas"] < 2:
         time.sleep(1)
