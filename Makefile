@@ -10,8 +10,8 @@ CONSTRAINTS := constraints.txt
 
 export DS_ACCELERATOR := cpu
 export HERD_CACHE_DIR ?= $(CURDIR)/.cache/herd
-# DeepSpeed's compiled CPU ops are kept per machine (outside the checkout), built once.
-export TORCH_EXTENSIONS_DIR ?= $(HOME)/.cache/herd/torch_extensions
+# DeepSpeed's compiled CPU ops are kept per virtual environment (its torch/DeepSpeed), built once.
+export TORCH_EXTENSIONS_DIR ?= $(abspath $(VENV))/torch_extensions
 export RAY_USAGE_STATS_ENABLED := 0
 export TOKENIZERS_PARALLELISM := false
 
@@ -25,7 +25,7 @@ $(VENV)/.installed: pyproject.toml $(CONSTRAINTS)
 	@touch $@
 
 $(TORCH_EXTENSIONS_DIR)/.warm: $(VENV)/.installed
-	@echo "==> compiling DeepSpeed's CPU ops once per machine (a few minutes the first time)"
+	@echo "==> compiling DeepSpeed's CPU ops once per virtual environment (a few minutes the first time)"
 	$(PY) -m jobs.warmup
 	@mkdir -p $(TORCH_EXTENSIONS_DIR) && touch $@
 

@@ -32,7 +32,8 @@ class Dtype(str, enum.Enum):
 
 
 DtypeOpt = Annotated[Dtype, typer.Option(
-    "--dtype", help="weights/activations dtype; auto = the checkpoint's (float16 becomes bfloat16 on a CPU)")]
+    "--dtype", help="weights/activations dtype; auto = the checkpoint's (float16 becomes bfloat16 on a CPU "
+             "with native bf16, else float32)")]
 
 
 class UsageProblem(Exception):

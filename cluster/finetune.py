@@ -52,7 +52,10 @@ def check_submission(storage: Storage, spec: JobSpec, data: Path) -> str:
 
 
 def _env(forward_aws: bool | None = None) -> dict[str, str]:
-    env = forwarded_env(_PASS_ENV, forward_aws_requested(forward_aws))
+    forward = forward_aws_requested(forward_aws)
+    env = forwarded_env(_PASS_ENV, forward)
+    if forward:  # the job's driver forwards them on to its training workers
+        env["HERD_FORWARD_AWS_ENV"] = "1"
     env.setdefault("DS_ACCELERATOR", "cpu")
     return env
 

@@ -229,13 +229,13 @@ def start_local(num_cpus: int | None = None) -> tuple[str, bool]:
     if proc.returncode != 0:
         raise ClusterError(f"`ray start --head` failed:\n{out[-1500:]}{err[-1500:]}")
     _head_state_file(gcs_port).write_text(json.dumps({"sid": proc.pid, "dashboard": url}))
-    import time
-    deadline = time.time() + 60
+    wait_s = 120  # a loaded machine (CI, a shared box) starts the dashboard slowly
+    deadline = time.time() + wait_s
     while time.time() < deadline:
         if _dashboard_up(url):
             return url, True
         time.sleep(0.5)
-    raise ClusterError(f"the local Ray head started but its dashboard ({url}) did not answer in 60 s")
+    raise ClusterError(f"the local Ray head started but its dashboard ({url}) did not answer in {wait_s} s")
 
 
 def ensure_cluster(address: str | None, say=print) -> str:

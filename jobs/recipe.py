@@ -175,6 +175,8 @@ def train(spec: JobSpec, job_id: str, storage_url: str, hooks: Hooks) -> TrainRe
     Metrics are not sent through `ray.train.report` at every step: in Ray 2.60 each report
     synchronises with the controller (about 2 s), so Ray sees metrics with each checkpoint.
     """
+    from jobs.extensions import prepare
+    prepare()
     import deepspeed
 
     rank = dist.get_rank() if dist.is_initialized() else 0

@@ -16,7 +16,7 @@ import traceback
 from typing import Iterator
 
 from cluster.job_store import JobStore
-from cluster.ray_cluster import forwarded_env
+from cluster.ray_cluster import forward_aws_requested, forwarded_env
 from cluster.storage import open_storage
 
 
@@ -105,7 +105,8 @@ def run(job_id: str, storage_url: str, resume: bool) -> int:
     resume_key = latest_checkpoint_key(storage_url, job_id) if resume else None
     if resume:
         print(f"[herd] resuming job {job_id} from {resume_key or 'the start (no checkpoint yet)'}", flush=True)
-    env = forwarded_env(("AWS_", "HERD_", "DS_", "TORCH_EXTENSIONS_DIR"))
+    # AWS credentials reach the workers only where the submitter forwarded them to this driver.
+    env = forwarded_env(("AWS_", "HERD_", "DS_", "TORCH_EXTENSIONS_DIR"), forward_aws_requested())
     try:
         storage_path, fs = ray_storage(storage_url, job_id)
         trainer = TorchTrainer(

@@ -2,7 +2,8 @@
 
 DeepSpeed JIT-compiles C++ ops on first use: the shared-memory communication op that every CPU
 `deepspeed.initialize` loads (about a minute) and CPU Adam for `--offload` (about two). With a
-persistent TORCH_EXTENSIONS_DIR this happens once, not in every job or test.
+persistent TORCH_EXTENSIONS_DIR (one per virtual environment, jobs/extensions.py) this happens
+once, not in every job or test.
 """
 
 from __future__ import annotations
@@ -13,6 +14,8 @@ import time
 
 def main() -> None:
     os.environ.setdefault("DS_ACCELERATOR", "cpu")
+    from jobs.extensions import prepare
+    prepare()
     from deepspeed.ops.op_builder import CPUAdamBuilder
     from deepspeed.ops.op_builder.cpu import ShareMemCommBuilder
     for builder in (ShareMemCommBuilder(), CPUAdamBuilder()):

@@ -76,7 +76,8 @@ class HerdServer:
         self.config = config
         # The key's sha256 (`herd serve deploy` never ships the key itself), or HERD_API_KEY's on the node.
         key = os.environ.get("HERD_API_KEY")
-        self.api_key_sha256 = config.get("api_key_sha256") or (hashlib.sha256(key.encode()).hexdigest() if key else None)
+        self.api_key_sha256 = (config.get("api_key_sha256")
+                               or (hashlib.sha256(key.encode()).hexdigest() if key else None))
         self.max_body = int(config.get("max_body_bytes", 1 << 20))
         self.base = config["model"]
         self.view = ModelsView(open_storage(config["storage"], fail_fast=True), self.base,
@@ -89,6 +90,8 @@ class HerdServer:
                              speculate_tokens=int(config.get("speculate_tokens", 8)),
                              threads=max(1, int(config.get("threads", 1))))
         self.metrics = ServerMetrics()
+        # Names this replica in /health and in a response header (which replica served a request).
+        self.replica_id = uuid.uuid4().hex[:12]
         self.context = self.engine.max_seq_len
 
     # ---- plumbing -------------------------------------------------------------------------------
@@ -125,7 +128,7 @@ class HerdServer:
     def health(self):
         problem = self.health_problem()
         snap = self.engine.snapshot()
-        body = {"status": "unhealthy" if problem else "ok", "model": self.base,
+        body = {"status": "unhealthy" if problem else "ok", "model": self.base, "replica": self.replica_id,
                 "storage": "degraded" if self.view.storage_degraded() else "ok",
                 **{k: snap[k] for k in ("running", "waiting", "free_slots") if k in snap}}
         if problem:
@@ -151,7 +154,7 @@ class HerdServer:
         except APIError as e:
             return e.response()
         return Response(self.metrics.render(self.engine.snapshot(), self.view.storage_degraded()),
-                        media_type="text/plain; version=0.0.4")
+                        media_type="text/plain; version=0.0.4", headers={"x-herd-replica": self.replica_id})
 
     @api.post("/v1/completions")
     async def completions(self, request: Request):
@@ -202,13 +205,14 @@ class HerdServer:
                 self.metrics.requests.labels(kind, adapter_label, "200").inc()
                 include_usage = bool(body.stream_options and body.stream_options.include_usage)
                 return StreamingResponse(self._sse(req, events, kind, rid, body.model, include_usage, first),
-                                         media_type="text/event-stream")
+                                         media_type="text/event-stream", headers={"x-herd-replica": self.replica_id})
             ev = first
             while not isinstance(ev, (FinishEvent, ErrorEvent)):
                 ev = await events.get()
             finish = ev
         finally:
             if finish is None:  # the client went away: free the slot now
+                self.metrics.disconnects.inc()
                 self.engine.cancel(req)
         if isinstance(finish, ErrorEvent):
             error = (storage_unavailable(body.model) if adapter is not None and self.view.storage_degraded()
@@ -217,7 +221,8 @@ class HerdServer:
             return error.response()
         self.metrics.requests.labels(kind, adapter_label, "200").inc()
         self._count(req, finish)
-        return JSONResponse(self._final_body(kind, rid, body.model, finish))
+        return JSONResponse(self._final_body(kind, rid, body.model, finish),
+                            headers={"x-herd-replica": self.replica_id})
 
     def _encode(self, body, kind: str) -> list[int]:
         if kind == "completion":
@@ -310,6 +315,7 @@ class HerdServer:
                     return
         finally:
             if not finished:  # client disconnected mid-stream: free the slot at once
+                self.metrics.disconnects.inc()
                 self.engine.cancel(req)
 
 

@@ -13,6 +13,8 @@ class ServerMetrics:
                                 ["endpoint", "adapter", "status"], registry=r)
         self.prompt_tokens = Counter("herd_prompt_tokens", "Prompt tokens processed", registry=r)
         self.completion_tokens = Counter("herd_completion_tokens", "Tokens generated", registry=r)
+        self.disconnects = Counter("herd_client_disconnects", "Requests whose client left before the end "
+                                   "(their slot is freed at once)", registry=r)
         self.ttft = Histogram("herd_time_to_first_token_seconds", "Time from arrival to the first token",
                               buckets=(0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30), registry=r)
         self.itl = Histogram("herd_inter_token_latency_seconds", "Mean time between a request's tokens",

@@ -17,7 +17,7 @@ if shutil.which("nvidia-smi") is None:
     os.environ.setdefault("TRITON_INTERPRET", "1")
 os.environ.setdefault("DS_ACCELERATOR", "cpu")
 os.environ.setdefault("HERD_CACHE_DIR", str(Path(__file__).resolve().parents[1] / ".cache" / "herd"))
-os.environ.setdefault("TORCH_EXTENSIONS_DIR", str(Path.home() / ".cache" / "herd" / "torch_extensions"))
+os.environ.setdefault("TORCH_EXTENSIONS_DIR", str(Path(sys.prefix) / "torch_extensions"))  # per venv
 os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
 sys.path.insert(0, str(Path(__file__).parent))
 
@@ -75,6 +75,19 @@ def _free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         return s.getsockname()[1]
+
+
+def serve_port() -> int:
+    """The port for a test deployment: Serve keeps the HTTP port of its first deployment on a
+    cluster (a later module deploying elsewhere would never answer), else a free one."""
+    from cluster import serve_control
+    try:
+        details = serve_control._client(serve_control.job_api_url(None)).get_serve_details()
+        if (details.get("http_options") or {}).get("port"):
+            return int(details["http_options"]["port"])
+    except Exception:  # noqa: BLE001 - Serve not started on this cluster yet
+        pass
+    return _free_port()
 
 
 @pytest.fixture(scope="session")

@@ -95,23 +95,49 @@ def test_concurrent_mixed_adapters_equal_single_requests(tokenizer_path, adapter
 
 
 def test_lru_eviction_never_evicts_a_busy_adapter(tokenizer_path, adapters):
+    keys = [("a0", "v1"), ("a1", "v1"), ("a2", "v1")]
+    alone = _engine(tokenizer_path, adapters, max_loras=3)  # room for all: each request on its own
+    expected = [_wait(_collect(alone, [1, 5, 6], SamplingParams(max_tokens=30), adapter=k)[1])[-1].token_ids
+                for k in keys]
+    alone.shutdown()
+    assert len({tuple(t) for t in expected}) == 3  # the adapters really answer differently
     engine = _engine(tokenizer_path, adapters, max_loras=2)
-    handles = [_collect(engine, [1, 5, 6], SamplingParams(max_tokens=30), adapter=k)
-               for k in [("a0", "v1"), ("a1", "v1"), ("a2", "v1")]]
+    handles = [_collect(engine, [1, 5, 6], SamplingParams(max_tokens=30), adapter=k) for k in keys]
     results = [_wait(q) for _, q in handles]
     assert all(isinstance(r[-1], FinishEvent) and r[-1].completion_tokens > 0 for r in results)
+    # each answer comes from its own adapter: none was swapped out under a running request
+    assert [r[-1].token_ids for r in results] == expected
     assert len(engine.snapshot()["resident_adapters"]) == 2
     assert "a2@v1" in engine.snapshot()["resident_adapters"]  # loaded after a slot freed up
     engine.shutdown()
 
 
+class _NoEOS:
+    """A runner whose model never picks EOS: a request runs until it is cancelled or hits its limit."""
+
+    def __init__(self, runner, eos_id):
+        self.runner, self.eos_id = runner, eos_id
+        self.cfg, self.max_seq_len = runner.cfg, runner.max_seq_len
+
+    def forward(self, *args, **kwargs):
+        logits = self.runner.forward(*args, **kwargs).clone()  # (an inference tensor: not writable)
+        logits[..., self.eos_id] = float("-inf")
+        return logits
+
+    def load_adapter(self, *args):
+        self.runner.load_adapter(*args)
+
+
 def test_cancel_frees_the_slot(tokenizer_path, adapters):
-    engine = _engine(tokenizer_path, adapters, slots=2)
-    req, q = _collect(engine, [1, 5, 6], SamplingParams(max_tokens=400))
+    tok = Tokenizer(tokenizer_path)
+    runner = _NoEOS(LocalRunner(make_model(CFG, seed=1), slots=2, max_loras=0, max_lora_rank=8), tok.eos_id)
+    engine = Engine(runner, tok, slots=2)
+    limit = CFG.max_seq_len - 8
+    req, q = _collect(engine, [1, 5, 6], SamplingParams(max_tokens=limit))
     q.get(timeout=30)  # first token arrived: it is running
     engine.cancel(req)
     events = _wait(q)
-    assert events[-1].reason == "cancelled"
+    assert events[-1].reason == "cancelled" and events[-1].completion_tokens < limit
     assert engine.snapshot() == {**engine.snapshot(), "running": 0, "free_slots": 2}
     engine.shutdown()
 

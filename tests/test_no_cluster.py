@@ -1,20 +1,13 @@
 """Every verb that needs the cluster or the endpoint, run with none there: one line naming what is
 missing and how to get it (`herd cluster up`, `--address`, `herd serve deploy`), exit code 1."""
 
-import socket
-
 import pytest
 
 from clirun import herd
+from conftest import _free_port
 from cluster.job_store import JobSpec, JobStore
 from cluster.models import create_tiny_model
 from cluster.storage import open_storage
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 @pytest.fixture

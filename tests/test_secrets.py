@@ -52,6 +52,7 @@ def test_job_submission_quotes_the_storage_url_and_keeps_secrets(secret_env, tmp
     env = submitted["runtime_env"]["env_vars"]
     assert "HERD_API_KEY" not in env and "sk-very-secret" not in str(submitted)
     assert ("AWS_SECRET_ACCESS_KEY" in env) == forward and env["HERD_S3_ENDPOINT"] == "http://127.0.0.1:9"
+    assert (env.get("HERD_FORWARD_AWS_ENV") == "1") == forward  # the driver forwards them to its workers
 
 
 def test_pyarrow_gets_the_session_token(secret_env):

@@ -1,7 +1,6 @@
 """The deployed endpoint on a real local Ray Serve, through the real openai client."""
 
 import os
-import socket
 import threading
 import time
 from pathlib import Path
@@ -12,6 +11,7 @@ import pytest
 
 from adapters import random_adapter
 from clirun import herd, herd_json
+from conftest import serve_port
 from cluster.local_inference import generate_text
 from cluster.models import create_tiny_model, load_config
 from cluster.registry import AdapterRegistry
@@ -19,12 +19,6 @@ from cluster.storage import open_storage
 
 API_KEY = "test-key-123"
 pytestmark = pytest.mark.usefixtures("ray_cluster")
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 @pytest.fixture(scope="module")
@@ -40,7 +34,7 @@ def served(tmp_path_factory, ray_cluster):
     for i, name in enumerate(["a1", "a2", "a3"]):
         reg.push(random_adapter(root / name, cfg, r=4 + 2 * i, alpha=64, targets=targets, seed=i), name)
     reg.push(random_adapter(root / "a1v2", cfg, r=4, alpha=64, targets=targets, seed=99), "a1")  # v2, not current
-    port = _free_port()
+    port = serve_port()
     mp = pytest.MonkeyPatch()
     mp.setenv("HERD_API_KEY", API_KEY)
     out = herd_json("serve", "deploy", "--model", "base", "--port", str(port), "--max-loras", "4",
@@ -152,24 +146,44 @@ def test_errors_are_openai_shaped(client, served):
     assert r.status_code == 413 and r.json()["error"]["code"] == "body_too_large"
 
 
-def _running(url):
-    return httpx.get(url + "/health").json()["running"]
+def _on_replica(url, replica, path, timeout=120):
+    """GET `path` from one replica: the ingress spreads calls over the replicas, so ask until that
+    one answers (each answer names its replica in `x-herd-replica`)."""
+    deadline = time.time() + timeout
+    while time.time() < deadline:
+        r = httpx.get(url + path, headers={"Authorization": f"Bearer {API_KEY}"}, timeout=30)
+        if r.headers.get("x-herd-replica") == replica or (path == "/health" and r.json()["replica"] == replica):
+            return r
+    raise AssertionError(f"replica {replica} did not answer {path} in {timeout}s")
+
+
+def _disconnects_on(url, replica) -> float:
+    text = _on_replica(url, replica, "/metrics").text
+    return float(next(line.split()[1] for line in text.splitlines()
+                      if line.startswith("herd_client_disconnects_total ")))
 
 
 def test_client_disconnect_frees_the_slot(served):
+    """The replica that served a stream the client left frees its slot at once: asked of that
+    replica, not of whichever answers. (No earlier test in this module leaves a request early.)"""
     url = served["url"]
     headers = {"Authorization": f"Bearer {API_KEY}"}
-    body = {"model": "base", "prompt": "In the beginning", "max_tokens": 480, "temperature": 0, "stream": True}
+    # sampled, so one token per step (no speculation): far from done when the client leaves
+    body = {"model": "base", "prompt": "In the beginning", "max_tokens": 480, "temperature": 1.0, "seed": 3,
+            "stream": True}
     with httpx.stream("POST", url + "/v1/completions", json=body, headers=headers, timeout=60) as r:
         assert r.status_code == 200
+        replica = r.headers["x-herd-replica"]  # the replica that serves this stream
         lines = r.iter_lines()
         got = [next(lines) for _ in range(4)]
         assert any(line.startswith("data: ") for line in got)
-        assert _running(url) == 1
-    deadline = time.time() + 10
-    while time.time() < deadline and _running(url):
+    deadline = time.time() + 120  # a loaded machine notices the disconnect late
+    while time.time() < deadline and _disconnects_on(url, replica) < 1:
         time.sleep(0.2)
-    assert _running(url) == 0
+    assert _disconnects_on(url, replica) == 1  # it saw the client leave (a finished request is not counted)
+    while time.time() < deadline and _on_replica(url, replica, "/health").json()["running"]:
+        time.sleep(0.2)
+    assert _on_replica(url, replica, "/health").json()["running"] == 0
 
 
 def test_promote_switches_version_without_failures(client, served):
@@ -206,9 +220,15 @@ def test_promote_switches_version_without_failures(client, served):
 
 
 def test_metrics_and_chat_cli(served):
-    r = herd("chat", "--adapter", "a3", "--max-tokens", "6", "Who made the light?",
-             env={"HERD_API_KEY": API_KEY, "HERD_ENDPOINT": served["url"]})
-    assert r.output.strip() and "error" not in r.output
+    env = {"HERD_API_KEY": API_KEY, "HERD_ENDPOINT": served["url"]}
+    expected = openai.OpenAI(base_url=served["url"] + "/v1", api_key=API_KEY).chat.completions.create(
+        model="base:a3", messages=[{"role": "user", "content": "Who made the light?"}], max_tokens=6,
+        temperature=0).choices[0].message.content
+    assert expected.strip()
+    r = herd("chat", "--adapter", "a3", "--max-tokens", "6", "Who made the light?", env=env)
+    assert r.output == expected + "\n"  # the streamed answer, as the endpoint gives it
+    assert herd_json("chat", "--adapter", "a3", "--max-tokens", "6", "Who made the light?", env=env) == {
+        "model": "base:a3", "text": expected}
     text = httpx.get(served["url"] + "/metrics", headers={"Authorization": f"Bearer {API_KEY}"}).text
     for name in ("herd_requests_total", "herd_prompt_tokens_total", "herd_completion_tokens_total",
                  "herd_time_to_first_token_seconds_bucket", "herd_resident_adapters", "herd_running_requests"):
@@ -266,16 +286,25 @@ def test_deployed_config_holds_no_secrets(served):
     shown = json.dumps(serve_control._client(serve_control.job_api_url(None)).get_serve_details())
     assert API_KEY not in shown and hashlib.sha256(API_KEY.encode()).hexdigest() in shown
     health = httpx.get(served["url"] + "/health").json()  # unauthenticated: nothing about adapters
-    assert "resident_adapters" not in health and "a1" not in json.dumps(health)
+    assert set(health) == {"status", "model", "replica", "storage", "running", "waiting", "free_slots"}
     r = httpx.post(served["url"] + "/v1/completions", json={"model": "base:ghost", "prompt": "x"},
                    headers={"Authorization": f"Bearer {API_KEY}"})
     assert r.status_code == 404 and served["storage"] not in r.text
 
 
+def _deployed_env() -> dict:
+    from cluster import serve_control
+    return serve_control._app_details(None)[1]["deployed_app_config"]["runtime_env"]["env_vars"]
+
+
 def test_scale_sets_replica_bounds(served):
-    # from a shell without HERD_API_KEY: the deployed key stays on
-    out = herd_json("serve", "scale", "--min-replicas", "2", "--max-replicas", "3", env={"HERD_API_KEY": None})
+    env_before = _deployed_env()
+    assert env_before.get("DS_ACCELERATOR") == "cpu"
+    # from a shell without HERD_API_KEY (nor anything else): the deployed key and environment stay
+    out = herd_json("serve", "scale", "--min-replicas", "2", "--max-replicas", "3",
+                    env={"HERD_API_KEY": None, "DS_ACCELERATOR": None, "HERD_CACHE_DIR": None})
     assert out["args"]["min_replicas"] == 2 and out["args"]["storage"] == served["storage"]
+    assert _deployed_env() == env_before
     deadline = time.time() + 60
     while time.time() < deadline and herd_json("serve", "status")["running_replicas"] < 2:
         time.sleep(1)
@@ -340,10 +369,8 @@ def test_malformed_bodies_are_4xx_in_openai_shape(served):
                     assert isinstance(error["message"], str) and error["message"], (body[:200], r.text[:300])
         assert seen >= 200
         assert http.get(url + "/health").json()["status"] == "ok"
-        done = http.post(url + "/v1/chat/completions", json={
-            "model": "base", "max_tokens": 4, "temperature": 0,
-            "messages": [{"role": "user", "content": [{"type": "text", "text": "Who "}, {"type": "text",
-                                                                                         "text": "made it?"}]}]})
-        plain = http.post(url + "/v1/chat/completions", json={
-            "model": "base", "max_tokens": 4, "temperature": 0, "messages": [{"role": "user", "content": "Who made it?"}]})
+        parts = [{"type": "text", "text": "Who "}, {"type": "text", "text": "made it?"}]
+        done, plain = (http.post(url + "/v1/chat/completions", json={
+            "model": "base", "max_tokens": 4, "temperature": 0, "messages": [{"role": "user", "content": content}]})
+            for content in (parts, "Who made it?"))
     assert done.status_code == 200 and done.json()["choices"][0]["message"] == plain.json()["choices"][0]["message"]

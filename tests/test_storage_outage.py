@@ -3,7 +3,6 @@ last-resolved version (storage shown as degraded), an adapter that needs the sto
 OpenAI-shaped 503 `storage_unavailable` within 10 s, and a version promoted meanwhile is picked
 up once the storage is back."""
 
-import socket
 import time
 
 import httpx
@@ -11,7 +10,7 @@ import pytest
 
 from adapters import random_adapter
 from clirun import herd, herd_json
-from cluster import serve_control
+from conftest import serve_port
 from cluster.local_inference import generate_text
 from cluster.models import create_tiny_model, load_config
 from cluster.registry import AdapterRegistry
@@ -20,19 +19,6 @@ from seaweed import create_bucket, start_seaweed
 
 PROMPT = "And God said"
 TARGETS = ("q_proj", "v_proj", "o_proj", "down_proj")
-
-
-def _serve_port() -> int:
-    """Serve keeps the HTTP port of its first deployment on a cluster: reuse it, else a free one."""
-    try:
-        port = serve_control._client(serve_control.job_api_url(None)).get_serve_details()["http_options"]["port"]
-        if port:
-            return int(port)
-    except Exception:  # noqa: BLE001 - Serve not started yet
-        pass
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 @pytest.fixture(scope="module")
@@ -52,8 +38,9 @@ def outage(tmp_path_factory, ray_cluster):
     reg.push(random_adapter(root / "a1", cfg, r=4, alpha=64, targets=TARGETS, seed=1), "a1")
     reg.push(random_adapter(root / "a1v2", cfg, r=4, alpha=64, targets=TARGETS, seed=2), "a1")  # v2, not current
     reg.push(random_adapter(root / "a2", cfg, r=4, alpha=64, targets=TARGETS, seed=3), "a2")
-    expected = {ref: generate_text(url, "base", PROMPT, adapter=ref, max_tokens=8)["text"] for ref in ("a1@v1", "a1@v2")}
-    out = herd_json("serve", "deploy", "--model", "base", "--port", str(_serve_port()), "--max-loras", "2",
+    expected = {ref: generate_text(url, "base", PROMPT, adapter=ref, max_tokens=8)["text"]
+                for ref in ("a1@v1", "a1@v2")}
+    out = herd_json("serve", "deploy", "--model", "base", "--port", str(serve_port()), "--max-loras", "2",
                     "--max-batch", "4", "--replica-cpus", "0.5", storage=url)
     try:
         yield {"url": out["endpoint"], "server": server, "registry": reg, "expected": expected}
