@@ -112,25 +112,18 @@ def test_lru_eviction_never_evicts_a_busy_adapter(tokenizer_path, adapters):
     engine.shutdown()
 
 
-class _NoEOS:
-    """A runner whose model never picks EOS: a request runs until it is cancelled or hits its limit."""
-
-    def __init__(self, runner, eos_id):
-        self.runner, self.eos_id = runner, eos_id
-        self.cfg, self.max_seq_len = runner.cfg, runner.max_seq_len
+class NoEosRunner(LocalRunner):
+    """A runner that never lets EOS win, so a request keeps its slot as long as the test needs."""
 
     def forward(self, *args, **kwargs):
-        logits = self.runner.forward(*args, **kwargs).clone()  # (an inference tensor: not writable)
-        logits[..., self.eos_id] = float("-inf")
+        logits = super().forward(*args, **kwargs)
+        logits[..., 2] = float("-inf")
         return logits
-
-    def load_adapter(self, *args):
-        self.runner.load_adapter(*args)
 
 
 def test_cancel_frees_the_slot(tokenizer_path, adapters):
     tok = Tokenizer(tokenizer_path)
-    runner = _NoEOS(LocalRunner(make_model(CFG, seed=1), slots=2, max_loras=0, max_lora_rank=8), tok.eos_id)
+    runner = NoEosRunner(make_model(CFG, seed=1), slots=2, max_loras=0, max_lora_rank=8)
     engine = Engine(runner, tok, slots=2)
     limit = CFG.max_seq_len - 8
     req, q = _collect(engine, [1, 5, 6], SamplingParams(max_tokens=limit))
@@ -166,15 +159,6 @@ def test_seeded_sampling_is_per_request(tokenizer_path, adapters):
     outs += [_wait(q)[-1].token_ids for _, q in handles]
     assert all(o == outs[0] for o in outs)
     engine.shutdown()
-
-
-class NoEosRunner(LocalRunner):
-    """A runner that never lets EOS win, so a request keeps its slot as long as the test needs."""
-
-    def forward(self, *args, **kwargs):
-        logits = super().forward(*args, **kwargs)
-        logits[..., 2] = float("-inf")
-        return logits
 
 
 def test_overload_is_refused_not_queued_forever(tokenizer_path, adapters):
