@@ -16,6 +16,7 @@ from cluster.job_store import JobSpec, JobStore, new_job_id
 from cluster.models import model_exists
 from cluster.ray_cluster import ensure_cluster, forwarded_env, job_api_url, resolve_address
 from cluster.registry import AdapterRegistry
+from cluster.runtime_env import declared_runtime_env
 from cluster.storage import Storage
 from llama.sft_data import file_sha256, read_dataset
 
@@ -64,7 +65,7 @@ def _submit_ray_job(storage: Storage, job_id: str, address: str | None, resume: 
     entrypoint = f"{python} -m jobs.run --job-id {job_id} --storage {storage.url}" + (" --resume" if resume else "")
     from ray.job_submission import JobSubmissionClient
     JobSubmissionClient(url).submit_job(entrypoint=entrypoint, submission_id=submission_id,
-                                        runtime_env={"env_vars": {**_env(), "HERD_STORAGE": storage.url}},
+                                        runtime_env=declared_runtime_env({**_env(), "HERD_STORAGE": storage.url}),
                                         metadata={"herd": "finetune", "job_id": job_id})
     store.update(job_id, ray_submission_id=submission_id, state="PENDING", address=url)
     return submission_id

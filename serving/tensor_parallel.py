@@ -61,11 +61,6 @@ class TPWorker:
         self.cache = SlotKVCache(cfg, slots, max_seq_len or cfg.max_seq_len, dtype=dtype,
                                  n_kv_heads=cfg.n_kv_heads // self.world)
 
-    def placement(self) -> dict:
-        """Where this worker landed: its node and the GPUs Ray made visible to it."""
-        return {"rank": self.rank, "node_id": ray.get_runtime_context().get_node_id(),
-                "cuda_visible_devices": os.environ.get("CUDA_VISIBLE_DEVICES"), "gpu_ids": ray.get_gpu_ids()}
-
     def shard_numel(self) -> int:
         from llama.packed_linear import weight_numel
         return weight_numel(self.model)
