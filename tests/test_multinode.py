@@ -183,6 +183,17 @@ def test_replicas_and_tp_workers_get_their_gpus(nodes):
         serve.delete("tp")
 
 
+def test_tp_worker_setup_times_out_instead_of_hanging(nodes, s3_url):
+    from serving.tensor_parallel import TPRunner
+    start = time.time()
+    with pytest.raises(TimeoutError, match=r"TP=2 workers were not placed and loaded within 5s"):
+        TPRunner.create(open_storage(s3_url), "base", 2, slots=1, max_loras=0, max_lora_rank=1,
+                        worker_cpus=3.0, setup_timeout_s=5)  # no node has 3 CPUs: never placed
+    assert time.time() - start < 60
+    _wait(lambda: not list_actors(filters=[("state", "!=", "DEAD"), ("class_name", "=", "TPWorker")]), 60,
+          "the unplaced workers to be removed")
+
+
 def _serve_call(app: str):
     from ray import serve
     try:
