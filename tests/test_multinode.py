@@ -94,7 +94,7 @@ def _job_agent_ready(url: str) -> bool:
     try:
         JobSubmissionClient(url).submit_job(entrypoint="true")
         return True
-    except RuntimeError:  # "No available agent to submit job" while the head's agent starts
+    except Exception:  # noqa: BLE001 - "No available agent to submit job" while the head's agent starts
         return False
 
 
@@ -108,19 +108,21 @@ def nodes(seaweed, tmp_path_factory):
     os.environ["HERD_RUNTIME_ENV"] = json.dumps(
         {"env_vars": {"PATH": f"{Path(sys.executable).parent}:{os.environ.get('PATH', '/usr/bin:/bin')}"}})
     os.environ["HERD_SERVE_HOST"] = HEAD_IP  # keep the ingress on loopback in tests
-    c = Nodes(root, seaweed.env())
-    c.add("a")
-    c.add("b")
-    _wait(lambda: _job_agent_ready(c.url), 120, "the head's job agent")
-    ray.init(address=c.cluster.address)
-    from ray import serve
-    c.serve_port = _free_port()
-    serve.start(proxy_location="HeadOnly", http_options={"host": HEAD_IP, "port": c.serve_port})
+    c = None
     try:
+        c = Nodes(root, seaweed.env())
+        c.add("a")
+        c.add("b")
+        _wait(lambda: _job_agent_ready(c.url), 300, "the head's job agent", every=2)
+        ray.init(address=c.cluster.address)
+        from ray import serve
+        c.serve_port = _free_port()
+        serve.start(proxy_location="HeadOnly", http_options={"host": HEAD_IP, "port": c.serve_port})
         yield c
     finally:
         ray.shutdown()
-        c.cluster.shutdown()
+        if c is not None:
+            c.cluster.shutdown()
         for k, v in saved.items():
             if v is None:
                 os.environ.pop(k, None)
