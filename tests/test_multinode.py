@@ -61,7 +61,8 @@ class Nodes:
         self.dashboard_port = _free_port()
         self.cluster = Cluster(initialize_head=True, head_node_args=dict(
             num_cpus=1, num_gpus=0, node_ip_address=HEAD_IP, include_dashboard=True, dashboard_host=HEAD_IP,
-            dashboard_port=self.dashboard_port, env_vars=self._env("head")))
+            dashboard_port=self.dashboard_port, dashboard_agent_listen_port=_free_port(),  # not the shared default
+            env_vars=self._env("head")))
         self.url = f"http://{HEAD_IP}:{self.dashboard_port}"
         self.nodes: dict[str, object] = {}
 
