@@ -18,6 +18,7 @@ from cluster.models import model_exists
 from cluster.ray_cluster import (ensure_cluster, forward_aws_requested, forwarded_env, require_cluster,
                                  resolve_address)
 from cluster.registry import AdapterRegistry
+from cluster.runtime_env import declared_runtime_env
 from cluster.storage import Storage
 from llama.sft_data import file_sha256, read_dataset
 
@@ -71,7 +72,7 @@ def _submit_ray_job(storage: Storage, job_id: str, address: str | None, resume: 
                             + (["--resume"] if resume else []))
     from ray.job_submission import JobSubmissionClient
     JobSubmissionClient(url).submit_job(entrypoint=entrypoint, submission_id=submission_id,
-                                        runtime_env={"env_vars": {**_env(forward_aws), "HERD_STORAGE": storage.url}},
+                                        runtime_env=declared_runtime_env({**_env(forward_aws), "HERD_STORAGE": storage.url}),
                                         metadata={"herd": "finetune", "job_id": job_id})
     store.update(job_id, ray_submission_id=submission_id, state="PENDING", address=url)
     return submission_id

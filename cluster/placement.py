@@ -56,7 +56,7 @@ def check_gpus(device: str, tp: int, replicas: int, nodes: list[NodeResources]) 
     """Fail now, with the counts, when cuda replicas cannot be placed (GPUs of a TP group on one node)."""
     if device != "cuda":
         return
-    per_node = [int(n.gpus) for n in nodes]
+    per_node = sorted(int(n.gpus) for n in nodes)
     total = sum(per_node)
     if not any(g >= tp for g in per_node):
         raise PlacementError(

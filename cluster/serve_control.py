@@ -101,7 +101,9 @@ def deploy(storage: Storage, args: dict, address: str | None, port: int = 8000, 
     url = ensure_cluster(address, say)
     args = place(args, url)
     env = dict(env)
-    env.setdefault("DS_ACCELERATOR", "cpu" if args["device"] == "cpu" else "cuda")
+    if args["device"] == "cuda":
+        env["DS_ACCELERATOR"] = "cuda"  # the CLI's own default (cpu) must not reach GPU replicas
+    env.setdefault("DS_ACCELERATOR", "cpu")
     _client(url).deploy_applications(serve_config(args, storage.url, port, env, _bind_host(address)))
     return wait_ready(address, url, wait_s, say)
 

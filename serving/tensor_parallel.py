@@ -83,11 +83,6 @@ class TPWorker:
                                   num_blocks=num_blocks, cuda_graphs=False, sample_on_this_rank=self.rank == 0,
                                   prepare=wrap_row_parallel)
 
-    def placement(self) -> dict:
-        """Where this worker landed: its node and the GPUs Ray made visible to it."""
-        return {"rank": self.rank, "node_id": ray.get_runtime_context().get_node_id(),
-                "cuda_visible_devices": os.environ.get("CUDA_VISIBLE_DEVICES"), "gpu_ids": ray.get_gpu_ids()}
-
     def shard_numel(self) -> int:
         from llama.packed_linear import weight_numel
         return weight_numel(self.model)
