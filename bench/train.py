@@ -24,7 +24,6 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests"))
-os.environ.setdefault("DS_ACCELERATOR", "cpu")
 
 from cluster.job_store import JobStore  # noqa: E402
 from cluster.models import create_tiny_model, local_model_dir  # noqa: E402

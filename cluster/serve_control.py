@@ -18,7 +18,7 @@ from cluster.storage import Storage, StorageError
 
 APP_NAME = "herd"
 DEPLOYMENT = "HerdServer"
-_PASS_ENV = ("AWS_", "HERD_", "DS_ACCELERATOR", "OMP_")
+_PASS_ENV = ("AWS_", "HERD_", "OMP_")
 
 
 class ServeError(StorageError):
@@ -51,7 +51,6 @@ def deploy(storage: Storage, args: dict, address: str | None, port: int = 8000, 
                              f"{cfg.n_kv_heads} key/value heads")
     url = ensure_cluster(address, say)
     env = forwarded_env(_PASS_ENV)
-    env.setdefault("DS_ACCELERATOR", "cpu")
     config = {
         "proxy_location": "HeadOnly",
         "http_options": {"host": os.environ.get("HERD_SERVE_HOST", "127.0.0.1"), "port": port},

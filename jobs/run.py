@@ -58,8 +58,7 @@ class RayHooks:
 
 
 def worker_main(config: dict) -> None:
-    """What each Ray Train worker runs."""
-    os.environ.setdefault("DS_ACCELERATOR", "cpu")
+    """What each Ray Train worker runs (the recipe picks the accelerator from the spec)."""
     logging.getLogger("DeepSpeed").setLevel(logging.WARNING)
     from jobs.recipe import train
     store = JobStore(open_storage(config["storage"]))
@@ -92,10 +91,20 @@ def latest_checkpoint_key(storage_url: str, job_id: str) -> str | None:
     return steps[-1][1] if steps else None
 
 
+def worker_env() -> dict[str, str]:
+    """Environment the driver hands to its workers: storage credentials, Herd and DeepSpeed
+    settings, but never DS_ACCELERATOR (each worker chooses it from the job spec)."""
+    env = forwarded_env(("AWS_", "HERD_", "DS_", "TORCH_EXTENSIONS_DIR"))
+    env.pop("DS_ACCELERATOR", None)
+    return env
+
+
 def run(job_id: str, storage_url: str, resume: bool) -> int:
     import ray
     import ray.train
-    from ray.train.torch import TorchTrainer
+    from ray.train.torch import TorchConfig, TorchTrainer
+
+    from jobs.accelerator import process_group_backend
 
     store = JobStore(open_storage(storage_url))
     spec = store.spec(job_id)
@@ -103,12 +112,13 @@ def run(job_id: str, storage_url: str, resume: bool) -> int:
     resume_key = latest_checkpoint_key(storage_url, job_id) if resume else None
     if resume:
         print(f"[herd] resuming job {job_id} from {resume_key or 'the start (no checkpoint yet)'}", flush=True)
-    env = forwarded_env(("AWS_", "HERD_", "DS_", "TORCH_EXTENSIONS_DIR"))
+    env = worker_env()
     try:
         storage_path, fs = ray_storage(storage_url, job_id)
         trainer = TorchTrainer(
             worker_main,
             train_loop_config={"job_id": job_id, "storage": storage_url, "resume_key": resume_key},
+            torch_config=TorchConfig(backend=process_group_backend(spec.use_gpu)),
             scaling_config=ray.train.ScalingConfig(num_workers=spec.workers, use_gpu=spec.use_gpu,
                                                    resources_per_worker={"CPU": spec.cpus_per_worker}),
             run_config=ray.train.RunConfig(
@@ -135,7 +145,6 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--storage", default=os.environ.get("HERD_STORAGE"))
     parser.add_argument("--resume", action="store_true")
     args = parser.parse_args(argv)
-    os.environ.setdefault("DS_ACCELERATOR", "cpu")
     storage_url = open_storage(args.storage).url
     return run(args.job_id, storage_url, args.resume)
 

@@ -25,7 +25,6 @@ from llama.tokenizer import Tokenizer
 class TPWorker:
     def __init__(self, rank: int, world: int, storage_url: str, model: str, slots: int, max_loras: int,
                  max_lora_rank: int, max_seq_len: int | None, threads: int = 1, dtype: str = "auto"):
-        os.environ.setdefault("DS_ACCELERATOR", "cpu")
         torch.set_num_threads(threads)
         self.rank, self.world = rank, world
         self.args = (storage_url, model, slots, max_loras, max_lora_rank, max_seq_len, dtype)

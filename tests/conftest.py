@@ -10,7 +10,6 @@ from pathlib import Path
 import pytest
 import torch
 
-os.environ.setdefault("DS_ACCELERATOR", "cpu")
 os.environ.setdefault("HERD_CACHE_DIR", str(Path(__file__).resolve().parents[1] / ".cache" / "herd"))
 os.environ.setdefault("TORCH_EXTENSIONS_DIR", str(Path.home() / ".cache" / "herd" / "torch_extensions"))
 os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
