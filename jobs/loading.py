@@ -20,14 +20,20 @@ from llama.weights import check_model_dir, herd_to_hf_name, load_model_streamed,
 
 
 def zero3_tuning(cfg: LlamaConfig) -> dict:
-    """ZeRO-3 bucket sizes from the model width (the values transformers' "auto" picks).
+    """ZeRO-3 bucket sizes and limits scaled to the model.
 
-    DeepSpeed's defaults (50M-element prefetch, 100k-element persistence) suit 7B+ models; scaled
-    to the hidden size they keep only norms whole and gather about a layer ahead on any model.
+    Prefetch, reduce bucket and persistence follow the hidden size (the values transformers'
+    "auto" picks): only norms stay whole, and about a layer is gathered ahead. DeepSpeed's default
+    of keeping up to 1e9 elements gathered, and not releasing a parameter reused within 1e9
+    elements, is most of a small model; here a parameter is released unless it is reused within a
+    layer (only the last layer stays whole across the forward/backward turn), and at most two
+    layers' worth (never more than DeepSpeed's 1e9) is live at once.
     """
     h = cfg.dim
+    layer = (cfg.num_parameters() - 2 * cfg.vocab_size * h - h) // cfg.n_layers
     return {"stage3_prefetch_bucket_size": int(0.9 * h * h), "stage3_param_persistence_threshold": 10 * h,
-            "reduce_bucket_size": h * h}
+            "reduce_bucket_size": h * h, "stage3_max_live_parameters": int(min(1e9, 2 * layer)),
+            "stage3_max_reuse_distance": int(min(1e9, layer))}
 
 
 def load_partitioned(model: Transformer, directory: str | Path) -> int:
@@ -56,6 +62,13 @@ def load_partitioned(model: Transformer, directory: str | Path) -> int:
     return read
 
 
+def zero_init(ds_config: dict):
+    """`deepspeed.zero.Init` for this job. The dtype comes from the config (bf16 on GPUs, else fp32):
+    DeepSpeed 0.19 ignores an explicit `dtype=` on accelerators without fp16 (the CPU's gets bf16)."""
+    import deepspeed
+    return deepspeed.zero.Init(config_dict_or_path=ds_config)
+
+
 def build_model(directory: str | Path, zero: int, ds_config: dict, dtype: torch.dtype,
                 device: torch.device) -> Transformer:
     """The base model for training: partitioned from the start under ZeRO-3, else loaded in `dtype`."""
@@ -63,7 +76,7 @@ def build_model(directory: str | Path, zero: int, ds_config: dict, dtype: torch.
         return load_model_streamed(directory, dtype=dtype, device=device)
     import deepspeed
     cfg = check_model_dir(directory)
-    with deepspeed.zero.Init(config_dict_or_path=ds_config, dtype=dtype):
+    with zero_init(ds_config):
         model = Transformer(cfg)
     load_partitioned(model, directory)
     return model.eval()

@@ -233,7 +233,7 @@ def train(spec: JobSpec, job_id: str, storage_url: str, hooks: Hooks) -> TrainRe
     device = use_accelerator(spec.use_gpu)  # before DeepSpeed is imported
     import deepspeed
 
-    from jobs.loading import build_model
+    from jobs.loading import build_model, zero_init
 
     rank = dist.get_rank() if dist.is_initialized() else 0
     world = dist.get_world_size() if dist.is_initialized() else 1
@@ -272,7 +272,7 @@ def train(spec: JobSpec, job_id: str, storage_url: str, hooks: Hooks) -> TrainRe
     torch.manual_seed(spec.seed)
     if spec.method == "lora":
         if spec.zero == 3:
-            with deepspeed.zero.Init(config_dict_or_path=ds_config, dtype=training_dtype(spec.use_gpu)):
+            with zero_init(ds_config):
                 apply_lora(model, lora_spec_of(spec), trainable_only=True)
         else:
             apply_lora(model, lora_spec_of(spec), trainable_only=True)
@@ -379,6 +379,8 @@ def _publish(engine, spec: JobSpec, job_id: str, storage, model_dir: Path, rank:
     """Publish a new adapter version (LoRA: only its tensors are gathered) or a new base model
     (full: streamed shard by shard). Collective: every rank calls it."""
     from jobs.publish import lora_state, publish_full
+    if spec.zero == 3:
+        engine.empty_partition_cache()  # settle parameters a last forward prefetched, partition all
     if spec.method == "lora":
         state = lora_state(engine.module, rank)
         if rank != 0:

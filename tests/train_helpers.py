@@ -87,6 +87,7 @@ class ParamProbe:
         self.model_bytes = 0
         self.partition_bytes = 0
         self.gathered: list[str] = []
+        self.peak_at = ""
 
     def __call__(self, module) -> None:
         import deepspeed
@@ -97,15 +98,25 @@ class ParamProbe:
         self.model_bytes = sum(getattr(p, "ds_numel", p.numel()) * p.element_size() for p in params)
         self.partition_bytes = sum(p.ds_tensor.numel() * p.element_size() for p in params if hasattr(p, "ds_tensor"))
 
-        def look(*_):
+        def look(*args):
             held = sum(p.data.numel() * p.element_size() for p in params)
-            self.peak_whole_bytes = max(self.peak_whole_bytes, held)
+            if held > self.peak_whole_bytes:
+                self.peak_whole_bytes = held
+                self.peak_at = f"{type(args[0]).__name__} {args[1]}" if args else "ready/publish"
 
         look()
+        # The weights as loaded, gathered one tensor at a time (collective: every rank is here).
+        loaded = {}
+        for name, p in module.named_parameters():
+            with deepspeed.zero.GatheredParameters([p]):
+                loaded[name] = p.detach().clone()
+        if self.rank == 0:
+            import torch
+            torch.save(loaded, f"{self.path}.loaded.pt")
         for m in module.modules():
-            m.register_forward_pre_hook(look)
-            m.register_forward_hook(look)
-            m.register_full_backward_pre_hook(look)
+            m.register_forward_pre_hook(lambda mod, *a: look(mod, "fwd"))
+            m.register_forward_hook(lambda mod, *a: look(mod, "fwd-done"))
+            m.register_full_backward_pre_hook(lambda mod, *a: look(mod, "bwd"))
         original = deepspeed.zero.GatheredParameters
         probe = self
 
@@ -122,7 +133,7 @@ class ParamProbe:
         jobs.publish.GatheredParameters = Recording
 
     def save(self) -> None:
-        Path(self.path).write_text(json.dumps({"peak_whole_bytes": self.peak_whole_bytes,
+        Path(self.path).write_text(json.dumps({"peak_whole_bytes": self.peak_whole_bytes, "peak_at": self.peak_at,
                                                "model_bytes": self.model_bytes,
                                                "partition_bytes": self.partition_bytes,
                                                "gathered": self.gathered}))
