@@ -335,11 +335,13 @@ def train(spec: JobSpec, job_id: str, storage_url: str, hooks: Hooks) -> TrainRe
                       f"tok/s {row['tokens_per_s']:.0f} mem {mem:.0f}MB", flush=True)
                 store.append_metrics(job_id, pending)
             pending = []
-        if done % spec.checkpoint_every == 0 or done == total_steps:
+        if not spec.dry_run and (done % spec.checkpoint_every == 0 or done == total_steps):
             _checkpoint(engine, hooks, rank, done, {"step": done, "loss": loss_avg})
             t_last = time.time()  # tokens/s counts training time, not checkpoint uploads
 
     result.eval_loss = _evaluate(engine, eval_set, spec, rank, world, device)
+    if spec.dry_run:
+        return result
     final_loss = result.losses[-1] if result.losses else None
     result.published = _publish(engine, spec, job_id, storage, model_dir, rank,
                                 {"train_loss": final_loss, "eval_loss": result.eval_loss, "steps": total_steps})
