@@ -169,9 +169,19 @@ def enable_activation_checkpointing(model: torch.nn.Module) -> None:
 # ---- the loop -------------------------------------------------------------------------------
 
 def peak_memory_mb(device: torch.device) -> float:
-    """This worker's peak: GPU memory allocated on a GPU, the process's peak RSS on a CPU."""
+    """This worker's peak: GPU memory allocated on a GPU, the process's peak RSS on a CPU.
+
+    The RSS peak is Linux's VmHWM (this process image's own high-water mark): getrusage's
+    ru_maxrss survives exec, so a worker spawned from a large parent would report the parent's."""
     if device.type == "cuda":
         return torch.cuda.max_memory_allocated(device) / 2**20
+    try:
+        with open("/proc/self/status") as f:
+            for line in f:
+                if line.startswith("VmHWM:"):
+                    return int(line.split()[1]) / 1024
+    except OSError:
+        pass
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
 
 

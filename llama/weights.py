@@ -183,15 +183,20 @@ def _read_safetensors(path: Path) -> dict[str, torch.Tensor]:
         raise WeightsError(f"{path}: not a readable safetensors file ({e})") from e
 
 
+def _read_index(index_path: Path) -> dict[str, str]:
+    """The weight_map of a `model.safetensors.index.json` (tensor name -> shard file)."""
+    try:
+        return json.loads(index_path.read_text())["weight_map"]
+    except (json.JSONDecodeError, KeyError, TypeError) as e:
+        raise WeightsError(f"{index_path}: not a valid safetensors index ({e})") from e
+
+
 def load_safetensors(directory: str | Path) -> dict[str, torch.Tensor]:
     """All HF tensors of a model dir, single-file or sharded (following the index)."""
     directory = Path(directory)
     index_path = directory / INDEX_FILE
     if index_path.is_file():
-        try:
-            weight_map: dict[str, str] = json.loads(index_path.read_text())["weight_map"]
-        except (json.JSONDecodeError, KeyError, TypeError) as e:
-            raise WeightsError(f"{index_path}: not a valid safetensors index ({e})") from e
+        weight_map = _read_index(index_path)
         state: dict[str, torch.Tensor] = {}
         for fname in sorted(set(weight_map.values())):
             if "/" in fname or fname.startswith("."):
@@ -215,10 +220,7 @@ def tensor_files(directory: str | Path) -> dict[str, Path]:
     directory = Path(directory)
     index_path = directory / INDEX_FILE
     if index_path.is_file():
-        try:
-            weight_map: dict[str, str] = json.loads(index_path.read_text())["weight_map"]
-        except (json.JSONDecodeError, KeyError, TypeError) as e:
-            raise WeightsError(f"{index_path}: not a valid safetensors index ({e})") from e
+        weight_map = _read_index(index_path)
         if any("/" in f or f.startswith(".") for f in weight_map.values()):
             raise WeightsError(f"{index_path}: a shard name points outside the model dir")
         return {name: directory / fname for name, fname in weight_map.items()}
