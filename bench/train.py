@@ -88,11 +88,15 @@ def zero_table(workdir: Path, cfg: LlamaConfig, steps: int, seq_len: int, batch:
     fixed = max(max(m["peak_memory_mb_per_worker"]) for m in JobStore(storage).metrics("fixed"))
     act = activation_mb(cfg, batch, seq_len)
     rows = []
-    for zero in (0, 1, 2, 3):
+    for zero in (3, 2, 1, 0):  # smallest first: on a crowded machine ZeRO-0 is the one that may not fit
         job = f"bench-z{zero}"
         make_job(url, job, n_examples=64, zero=zero, model="bench", adapter=f"full-z{zero}", **common)
         t0 = time.time()
-        run_recipe(url, job, workdir, world=n)
+        try:
+            run_recipe(url, job, workdir, world=n)
+        except Exception as e:  # noqa: BLE001 - e.g. a worker killed for memory: say so in the table
+            print(f"ZeRO-{zero} failed: {e}", file=sys.stderr, flush=True)
+            continue
         metrics = JobStore(storage).metrics(job)
         timed = metrics[1:] or metrics  # the first step includes warm-up
         per_worker = [max(m["peak_memory_mb_per_worker"][w] for m in metrics) for w in range(n)]
@@ -100,7 +104,7 @@ def zero_table(workdir: Path, cfg: LlamaConfig, steps: int, seq_len: int, batch:
         rows.append({"zero": zero, "tokens_per_s": sum(m["tokens_per_s"] for m in timed) / len(timed),
                      "peak_mb_per_worker": per_worker, "model_states_mb": states,
                      "expected_mb": states + fixed + act, "wall_s": time.time() - t0})
-    return {"params": psi, "fixed_mb": fixed, "activations_mb": act, "rows": rows}
+    return {"params": psi, "fixed_mb": fixed, "activations_mb": act, "rows": sorted(rows, key=lambda r: r["zero"])}
 
 
 def print_zero_table(t: dict, cfg: LlamaConfig, seq_len: int, batch: int) -> bool:
@@ -119,12 +123,14 @@ def print_zero_table(t: dict, cfg: LlamaConfig, seq_len: int, batch: int) -> boo
         workers = " / ".join(f"{x:.0f}" for x in r["peak_mb_per_worker"])
         print(f"{r['zero']:>4} | {r['tokens_per_s']:>8.0f} | {workers:>20} | {r['model_states_mb']:>15.0f} | "
               f"{r['expected_mb']:>11.0f} | {ratio:>17.2f}")
-    z0, z3 = (max(r["peak_mb_per_worker"]) for r in (t["rows"][0], t["rows"][3]))
-    print(f"\nZeRO-3 / ZeRO-0 peak RSS per worker: {z3 / z0:.2f} (target <= 0.65); "
-          f"every stage within 25% of formula + fixed + activations: {'yes' if ok else 'NO'}")
+    peaks = {r["zero"]: max(r["peak_mb_per_worker"]) for r in t["rows"]}
+    ratio = peaks[3] / peaks[0] if 0 in peaks and 3 in peaks else float("nan")
+    ok &= len(peaks) == 4
+    print(f"\nZeRO-3 / ZeRO-0 peak RSS per worker: {ratio:.2f} (target <= 0.65); "
+          f"every stage ran and is within 25% of formula + fixed + activations: {'yes' if ok else 'NO'}")
     print("model states per worker (cluster/memory_formula.py): fp32 0: 16Psi, 1: 8Psi+8Psi/N, 2: 4Psi+12Psi/N, "
           "3: 16Psi/N; mixed precision (GPU) 16Psi, 4Psi+12Psi/N, 2Psi+14Psi/N, 16Psi/N")
-    return ok and z3 / z0 <= 0.65
+    return ok and ratio <= 0.65
 
 
 # ---- speed and MFU (--device) ----------------------------------------------------------------
