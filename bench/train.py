@@ -73,7 +73,8 @@ def activation_mb(cfg: LlamaConfig, batch: int, seq_len: int) -> float:
     return grown
 
 
-def zero_table(workdir: Path, cfg: LlamaConfig, steps: int, seq_len: int, batch: int) -> dict:
+def zero_table(workdir: Path, cfg: LlamaConfig, steps: int, seq_len: int, batch: int,
+               stages: tuple[int, ...] = (3, 2, 1, 0)) -> dict:
     from train_helpers import make_job, run_recipe
     url = str(workdir / "storage")
     storage = open_storage(url)
@@ -88,7 +89,7 @@ def zero_table(workdir: Path, cfg: LlamaConfig, steps: int, seq_len: int, batch:
     fixed = max(max(m["peak_memory_mb_per_worker"]) for m in JobStore(storage).metrics("fixed"))
     act = activation_mb(cfg, batch, seq_len)
     rows = []
-    for zero in (3, 2, 1, 0):  # smallest first: on a crowded machine ZeRO-0 is the one that may not fit
+    for zero in stages:  # smallest first: on a crowded machine ZeRO-0 is the one that may not fit
         job = f"bench-z{zero}"
         make_job(url, job, n_examples=64, zero=zero, model="bench", adapter=f"full-z{zero}", **common)
         t0 = time.time()
@@ -124,6 +125,8 @@ def print_zero_table(t: dict, cfg: LlamaConfig, seq_len: int, batch: int) -> boo
         print(f"{r['zero']:>4} | {r['tokens_per_s']:>8.0f} | {workers:>20} | {r['model_states_mb']:>15.0f} | "
               f"{r['expected_mb']:>11.0f} | {ratio:>17.2f}")
     peaks = {r["zero"]: max(r["peak_mb_per_worker"]) for r in t["rows"]}
+    if not t["rows"]:
+        return False
     ratio = peaks[3] / peaks[0] if 0 in peaks and 3 in peaks else float("nan")
     ok &= len(peaks) == 4
     print(f"\nZeRO-3 / ZeRO-0 peak RSS per worker: {ratio:.2f} (target <= 0.65); "
@@ -279,6 +282,7 @@ def main() -> None:
     parser.add_argument("--steps", type=int, default=None)
     parser.add_argument("--seq-len", type=int, default=128)
     parser.add_argument("--batch", type=int, default=2)
+    parser.add_argument("--stages", default="3,2,1,0", help="ZeRO stages of the memory table")
     parser.add_argument("--json", action="store_true")
     args = parser.parse_args()
     torch.set_num_threads(max(1, os.cpu_count() or 1))
@@ -291,7 +295,8 @@ def main() -> None:
         return
     args.steps = args.steps or 3
     with tempfile.TemporaryDirectory() as tmp:
-        table = zero_table(Path(tmp), BENCH_200M, args.steps, args.seq_len, args.batch)
+        table = zero_table(Path(tmp), BENCH_200M, args.steps, args.seq_len, args.batch,
+                           tuple(int(z) for z in args.stages.split(",")))
     if args.json:
         print(json.dumps(table, indent=2))
         return
