@@ -8,7 +8,6 @@ PY := $(VENV)/bin/python
 PIP := $(PY) -m pip --disable-pip-version-check
 CONSTRAINTS := constraints.txt
 
-export DS_ACCELERATOR := cpu
 export HERD_CACHE_DIR ?= $(CURDIR)/.cache/herd
 # DeepSpeed's compiled CPU ops are kept per virtual environment (its torch/DeepSpeed), built once.
 export TORCH_EXTENSIONS_DIR ?= $(abspath $(VENV))/torch_extensions

@@ -33,7 +33,6 @@ import torch
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 sys.path.insert(0, str(ROOT / "tests"))
-os.environ.setdefault("DS_ACCELERATOR", "cpu")
 
 from adapters import random_adapter  # noqa: E402
 from cluster.models import create_tiny_model, load_config, local_model_dir  # noqa: E402

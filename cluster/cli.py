@@ -95,7 +95,6 @@ _register()
 
 
 def main() -> None:
-    os.environ.setdefault("DS_ACCELERATOR", "cpu")
     try:
         app(standalone_mode=True)
     except SystemExit as e:

@@ -8,7 +8,7 @@ from typing import Annotated
 import typer
 from rich.table import Table
 
-from cluster.cli import JsonOpt, StorageOpt, UsageProblem, emit, err_console, out_console, run_guarded
+from cluster.cli import JsonOpt, StorageOpt, UsageProblem, emit, err_console, fail, out_console, run_guarded
 
 AddressOpt = Annotated[str | None, typer.Option("--address", envvar="RAY_ADDRESS",
                                                 help="Ray cluster (default: the local one Herd starts)")]
@@ -85,6 +85,9 @@ def finetune_submit(
     checkpoint_every: Annotated[int, typer.Option("--checkpoint-every")] = 50,
     seed: Annotated[int, typer.Option("--seed")] = 0,
     gpu: Annotated[bool, typer.Option("--gpu", help="one GPU per worker, bf16")] = False,
+    pack: Annotated[bool, typer.Option("--pack", help="several examples per sequence (no attention across them)")] = False,
+    activation_checkpointing: Annotated[bool, typer.Option(
+        "--activation-checkpointing", help="recompute layer activations in backward (less memory, ~30% slower)")] = False,
     promote: Annotated[bool, typer.Option("--promote", help="make the result the current version")] = False,
     resume: Annotated[str | None, typer.Option("--resume", metavar="JOB", help="continue a stopped/failed job")] = None,
     follow: Annotated[bool, typer.Option("--follow", help="show progress until the job ends")] = False,
@@ -109,10 +112,14 @@ def finetune_submit(
                                workers=workers, epochs=epochs, max_steps=max_steps, lr=lr, lora_rank=lora_rank,
                                lora_alpha=lora_alpha, lora_targets=[t.strip() for t in lora_targets.split(",")],
                                max_seq_len=max_seq_len, batch_size=batch_size, grad_accum=grad_accum,
-                               checkpoint_every=checkpoint_every, seed=seed, use_gpu=gpu, promote=promote)
+                               checkpoint_every=checkpoint_every, seed=seed, use_gpu=gpu, promote=promote,
+                               pack=pack, activation_checkpointing=activation_checkpointing)
             except ValueError as e:
                 raise UsageProblem(_pydantic_message(e)) from None
-            job_id = finetune.submit(st, spec, data, address, say=_say, forward_aws=forward_aws_env)
+            try:
+                job_id = finetune.submit(st, spec, data, address, say=_say, forward_aws=forward_aws_env)
+            except finetune.NotEnoughResources as e:
+                fail(str(e), 1)
         if not follow:
             emit({"job_id": job_id}, json_, job_id)
             return

@@ -23,11 +23,58 @@ from cluster.storage import Storage
 from llama.sft_data import file_sha256, read_dataset
 
 TERMINAL = {"SUCCEEDED", "FAILED", "STOPPED"}
-_PASS_ENV = ("AWS_", "HERD_", "DS_ACCELERATOR", "TORCH_EXTENSIONS_DIR", "RAY_USAGE_STATS_ENABLED")
+# Not DS_ACCELERATOR: the accelerator comes from the worker (jobs/accelerator.py), not this shell.
+_PASS_ENV = ("AWS_", "HERD_", "TORCH_EXTENSIONS_DIR", "RAY_USAGE_STATS_ENABLED")
 
 
 class SubmitError(ValueError):
     """A job that must not start (bad model, name clash); exit code 2."""
+
+
+class NotEnoughResources(RuntimeError):
+    """The cluster cannot ever run the job as asked (e.g. more GPUs than it has); exit code 1."""
+
+
+def job_demand(spec: JobSpec) -> dict[str, float]:
+    """Resources the whole job needs at once: each worker's CPUs, and one GPU each with --gpu."""
+    demand = {"CPU": spec.workers * spec.cpus_per_worker}
+    if spec.use_gpu:
+        demand["GPU"] = float(spec.workers)
+    return demand
+
+
+def check_gpus(spec: JobSpec, resources: dict[str, dict[str, float]], autoscale_gpus: float = 0.0) -> None:
+    """Refuse a --gpu job that asks for more GPUs than the cluster has and can autoscale to.
+
+    `resources` is `cluster_status()`'s {"GPU": {"used", "total"}, ...}; `autoscale_gpus` the GPUs
+    the autoscaler may still add (HERD_AUTOSCALE_MAX_GPUS on clusters that scale out)."""
+    if not spec.use_gpu:
+        return
+    have = resources.get("GPU", {}).get("total", 0.0)
+    need = job_demand(spec)["GPU"]
+    if need > have + autoscale_gpus:
+        more = f" (+{autoscale_gpus:g} it can autoscale to)" if autoscale_gpus else ""
+        raise NotEnoughResources(
+            f"this --gpu job needs {need:g} GPUs ({spec.workers} workers x 1 GPU) but the cluster has "
+            f"{have:g}{more}; use fewer --workers, a cluster with GPUs (--address), or drop --gpu")
+
+
+def waiting_for(spec: JobSpec, resources: dict[str, dict[str, float]]) -> str:
+    """What a job that has not started training waits for, in words (for `status` and `--follow`)."""
+    short = []
+    for name, need in job_demand(spec).items():
+        r = resources.get(name, {"used": 0.0, "total": 0.0})
+        free = r["total"] - r["used"]
+        if free < need:
+            short.append(f"{need:g} {name} ({free:g} free of {r['total']:g})")
+    if short:
+        return "waiting for resources: " + ", ".join(short)
+    return f"starting {spec.workers} workers (loading the model)"
+
+
+def _autoscale_gpus() -> float:
+    import os
+    return float(os.environ.get("HERD_AUTOSCALE_MAX_GPUS", "0") or 0)
 
 
 def _client(address: str | None):
@@ -53,11 +100,12 @@ def check_submission(storage: Storage, spec: JobSpec, data: Path) -> str:
 
 
 def _env(forward_aws: bool | None = None) -> dict[str, str]:
+    """What the job's driver inherits; never DS_ACCELERATOR (each worker picks it from the job spec)."""
     forward = forward_aws_requested(forward_aws)
     env = forwarded_env(_PASS_ENV, forward)
+    env.pop("DS_ACCELERATOR", None)
     if forward:  # the job's driver forwards them on to its training workers
         env["HERD_FORWARD_AWS_ENV"] = "1"
-    env.setdefault("DS_ACCELERATOR", "cpu")
     return env
 
 
@@ -81,6 +129,10 @@ def _submit_ray_job(storage: Storage, job_id: str, address: str | None, resume: 
 def submit(storage: Storage, spec: JobSpec, data: Path, address: str | None, say=print,
            forward_aws: bool | None = None) -> str:
     spec = spec.model_copy(update={"data_sha256": check_submission(storage, spec, data)})
+    if spec.use_gpu:
+        from cluster.ray_cluster import cluster_status
+        ensure_cluster(address, say)
+        check_gpus(spec, cluster_status(address).get("resources", {}), _autoscale_gpus())
     job_id = new_job_id()
     store = JobStore(storage)
     store.storage.upload_file(data, store.data_key(job_id))
@@ -122,7 +174,19 @@ def status(storage: Storage, job_id: str, address: str | None = None) -> dict:
         record["ray_state"] = ray_state
     metrics = store.metrics(job_id)
     record["last_metrics"] = metrics[-1] if metrics else None
+    record["waiting_for"] = None
+    if not metrics and record["state"] not in TERMINAL and ray_state is not None:
+        record["waiting_for"] = _waiting(record, address)
     return record
+
+
+def _waiting(record: dict, address: str | None) -> str | None:
+    from cluster.ray_cluster import cluster_status
+    try:
+        resources = cluster_status(address or record.get("address"), wait_s=0).get("resources", {})
+    except Exception:  # noqa: BLE001 - the cluster went away; status says what Ray said
+        return None
+    return waiting_for(JobSpec(**record["spec"]), resources)
 
 
 def list_jobs(storage: Storage) -> list[dict]:
@@ -167,6 +231,8 @@ def follow(storage: Storage, job_id: str, address: str | None = None, poll_s: fl
         while True:
             record = status(storage, job_id, address)
             metrics = store.metrics(job_id)
+            if not metrics and record.get("waiting_for"):
+                progress.update(task, info=record["waiting_for"])
             if metrics:
                 m = metrics[-1]
                 progress.update(task, total=m["total_steps"], completed=m["step"],
@@ -185,9 +251,14 @@ def describe(record: dict) -> str:
              f"  {spec['method']} of {spec['model']} -> {spec['adapter']}, ZeRO-{spec['zero']}"
              f"{' + offload' if spec['offload'] else ''}, {spec['workers']} workers",
              f"  created {record['created']}, attempts {record['attempts']}"]
+    if record.get("waiting_for"):
+        lines.append(f"  {record['waiting_for']}")
     if record.get("last_metrics"):
         m = record["last_metrics"]
         lines.append(f"  step {m['step']}/{m['total_steps']}  loss {m['loss']:.4f}  lr {m['lr']:.2e}")
+        if m.get("peak_memory_mb_per_worker"):
+            lines.append("  peak memory per worker: "
+                         + ", ".join(f"{mb:.0f} MB" for mb in m["peak_memory_mb_per_worker"]))
     if record.get("result"):
         lines.append(f"  published: {json.dumps(record['result'])}")
     if record.get("error"):

@@ -53,6 +53,10 @@ class JobSpec(BaseModel):
     promote: bool = False
     use_gpu: bool = False
     cpus_per_worker: float = Field(default=1.0, gt=0)
+    pack: bool = Field(default=False, description="several examples per sequence (block-diagonal attention)")
+    activation_checkpointing: bool = False
+    dry_run: bool = Field(default=False, description="train and report only: no checkpoint, nothing published")
+    publish_shard_mb: float = Field(default=4096, gt=0, description="safetensors shard size of a full fine-tune")
     data_sha256: str = ""
     fail_at_step: int | None = Field(default=None, description="test hook: kill rank 0 at this step once")
 

@@ -20,7 +20,7 @@ from cluster.storage import Storage, StorageError
 
 APP_NAME = "herd"
 DEPLOYMENT = "HerdServer"
-_PASS_ENV = ("AWS_", "HERD_", "DS_ACCELERATOR", "OMP_")
+_PASS_ENV = ("AWS_", "HERD_", "OMP_")
 
 
 class ServeError(StorageError):
@@ -103,7 +103,6 @@ def deploy(storage: Storage, args: dict, address: str | None, port: int = 8000, 
     env = dict(env)
     if args["device"] == "cuda":
         env["DS_ACCELERATOR"] = "cuda"  # the CLI's own default (cpu) must not reach GPU replicas
-    env.setdefault("DS_ACCELERATOR", "cpu")
     _client(url).deploy_applications(serve_config(args, storage.url, port, env, _bind_host(address)))
     return wait_ready(address, url, wait_s, say)
 

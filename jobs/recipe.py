@@ -4,12 +4,14 @@ It runs under Ray Train's TorchTrainer (jobs/run.py) but knows nothing of Ray: t
 group is already formed when it starts, and checkpoints and metrics leave through `Hooks`.
 Tests run the same function single-process or under torch.multiprocessing.
 
-Per worker: load the base model from the storage root, wrap it with LoRA (or train it whole),
-hand it to `deepspeed.initialize` (ZeRO 0-3, optional CPU offload), then loop over
-deterministic, length-bucketed batches with gradient accumulation, a cosine schedule with
-warmup and clipping. Every `log_every` steps it reports step, loss, lr, tokens/s and memory;
-every `checkpoint_every` steps (and at the end) a DeepSpeed checkpoint. At the end it gathers
-the weights (ZeRO-3 included) and publishes them through the registry.
+Per worker: pick the accelerator from the spec (jobs/accelerator.py), build the base model
+(partitioned from the start under ZeRO-3, else read straight into the training dtype:
+jobs/loading.py), wrap it with LoRA (or train it whole), hand it to `deepspeed.initialize`
+(ZeRO 0-3, optional CPU offload), then loop over deterministic, length-bucketed (or packed:
+jobs/packing.py) batches with gradient accumulation, a cosine schedule with warmup and clipping.
+Every `log_every` steps it reports step, loss, lr, tokens/s and each worker's peak memory; every
+`checkpoint_every` steps (and at the end) a DeepSpeed checkpoint. At the end it publishes,
+gathering only what it writes (jobs/publish.py).
 """
 
 from __future__ import annotations
@@ -31,13 +33,15 @@ import torch.distributed as dist
 import torch.nn.functional as F
 
 from cluster.job_store import JobSpec, JobStore
-from cluster.models import import_model, local_model_dir
+from cluster.models import local_model_dir
 from cluster.registry import AdapterRegistry
 from cluster.storage import open_storage
-from llama.lora import LoraSpec, apply_lora, lora_layers, peft_key, save_adapter
+from jobs.accelerator import training_dtype, use_accelerator
+from jobs.packing import DocumentMask, collate_packed, pack_examples
+from llama.config import LlamaConfig
+from llama.lora import LoraSpec, apply_lora, lora_layers, save_adapter
 from llama.sft_data import IGNORE, Example, read_dataset, tokenize_dialog
 from llama.tokenizer import Tokenizer
-from llama.weights import load_model, save_model
 
 STATE_FILE = "herd_state.json"
 DS_TAG = "state"
@@ -49,6 +53,13 @@ class Hooks(Protocol):
     def report(self, metrics: dict, checkpoint_dir: str | None = None) -> None: ...
 
     def restored_checkpoint(self) -> contextlib.AbstractContextManager[str | None]: ...
+
+
+def _model_ready(hooks, module: torch.nn.Module) -> None:
+    """Optional hook: `hooks.model_ready(module)` once DeepSpeed holds the model (tests probe memory)."""
+    ready = getattr(hooks, "model_ready", None)
+    if ready is not None:
+        ready(module)
 
 
 @dataclass
@@ -106,12 +117,13 @@ def lr_lambda(warmup: int, total: int):
 
 # ---- DeepSpeed ------------------------------------------------------------------------------
 
-def deepspeed_config(spec: JobSpec) -> dict:
+def deepspeed_config(spec: JobSpec, cfg: LlamaConfig | None = None) -> dict:
     zero: dict = {"stage": spec.zero}
     if spec.offload:
-        zero["offload_optimizer"] = {"device": "cpu", "pin_memory": False}
-    if spec.zero == 3:
-        zero["stage3_gather_16bit_weights_on_model_save"] = True
+        zero["offload_optimizer"] = {"device": "cpu", "pin_memory": spec.use_gpu}
+    if spec.zero == 3 and cfg is not None:
+        from jobs.loading import zero3_tuning
+        zero.update(zero3_tuning(cfg))
     return {
         "train_micro_batch_size_per_gpu": spec.batch_size,
         "gradient_accumulation_steps": spec.grad_accum,
@@ -136,37 +148,99 @@ def lora_spec_of(spec: JobSpec) -> LoraSpec:
                     lora_dropout=spec.lora_dropout, base_model_name_or_path=spec.model)
 
 
-def full_state_dict(engine, spec: JobSpec) -> dict[str, torch.Tensor] | None:
-    """All weights, gathered across ZeRO-3 partitions (call on every rank; rank 0 gets them)."""
-    if spec.zero == 3:
-        state = engine._zero3_consolidated_16bit_state_dict()
-        return {k: v.float() for k, v in state.items()} if state else state
-    return {k: v.detach().float().clone() for k, v in engine.module.state_dict().items()}
+def enable_activation_checkpointing(model: torch.nn.Module) -> None:
+    """Recompute each decoder layer's activations in the backward pass instead of keeping them.
 
+    Keeps one [B, T, dim] tensor per layer instead of all its intermediates (~30% slower steps,
+    activation memory down by roughly the number of tensors a layer keeps). Non-reentrant
+    checkpointing, which works with ZeRO-3's gather hooks and with frozen (LoRA) bases.
+    """
+    from torch.utils.checkpoint import checkpoint
+    for layer in model.layers:
+        plain = layer.forward
 
-def peft_state_from(state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
-    """LoraLinear parameters (`layers.0.attention.wq.lora_A`) -> peft keys."""
-    out = {}
-    for name, tensor in state.items():
-        if name.endswith((".lora_A", ".lora_B")):
-            path, which = name.rsplit(".lora_", 1)
-            out[peft_key(path, which)] = tensor.contiguous()
-    return out
+        def forward(*args, _plain=plain, **kwargs):
+            if not torch.is_grad_enabled():
+                return _plain(*args, **kwargs)
+            return checkpoint(_plain, *args, use_reentrant=False, **kwargs)
+        layer.forward = forward
 
 
 # ---- the loop -------------------------------------------------------------------------------
 
-def _peak_memory_mb(device: torch.device) -> float:
+def peak_memory_mb(device: torch.device) -> float:
+    """This worker's peak: GPU memory allocated on a GPU, the process's peak RSS on a CPU.
+
+    The RSS peak is Linux's VmHWM (this process image's own high-water mark): getrusage's
+    ru_maxrss survives exec, so a worker spawned from a large parent would report the parent's."""
     if device.type == "cuda":
         return torch.cuda.max_memory_allocated(device) / 2**20
+    try:
+        with open("/proc/self/status") as f:
+            for line in f:
+                if line.startswith("VmHWM:"):
+                    return int(line.split()[1]) / 1024
+    except OSError:
+        pass
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
 
 
+def _comm_device() -> torch.device:
+    """Where small collective tensors must live: NCCL only moves CUDA tensors."""
+    if dist.get_backend() == "nccl":
+        return torch.device("cuda", torch.cuda.current_device())
+    return torch.device("cpu")
+
+
 def _all_reduce(values: list[float], op=dist.ReduceOp.SUM) -> list[float]:
-    t = torch.tensor(values, dtype=torch.float64)
-    if dist.is_initialized() and dist.get_world_size() > 1:
-        dist.all_reduce(t, op=op)
+    if not (dist.is_initialized() and dist.get_world_size() > 1):
+        return list(values)
+    t = torch.tensor(values, dtype=torch.float64, device=_comm_device())
+    dist.all_reduce(t, op=op)
     return t.tolist()
+
+
+def _all_gather(value: float) -> list[float]:
+    """One number from every worker, in rank order."""
+    if not (dist.is_initialized() and dist.get_world_size() > 1):
+        return [value]
+    device = _comm_device()
+    out = [torch.zeros(1, dtype=torch.float64, device=device) for _ in range(dist.get_world_size())]
+    dist.all_gather(out, torch.tensor([value], dtype=torch.float64, device=device))
+    return [t.item() for t in out]
+
+
+@dataclass
+class Batch:
+    tokens: torch.Tensor
+    labels: torch.Tensor
+    positions: torch.Tensor | None = None
+    doc_ids: torch.Tensor | None = None
+
+    def forward(self, engine, device: torch.device) -> torch.Tensor:
+        tokens = self.tokens.to(device)
+        if self.doc_ids is None:
+            return engine(tokens)
+        return engine(tokens, self.positions.to(device), DocumentMask(self.doc_ids.to(device)))
+
+
+def token_loss_sum(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+    """Summed next-token cross-entropy over the labelled positions."""
+    return F.cross_entropy(logits[:, :-1].reshape(-1, logits.shape[-1]), labels[:, 1:].reshape(-1),
+                           ignore_index=IGNORE, reduction="sum")
+
+
+def training_units(train_set: list[Example], spec: JobSpec) -> list[list[int]]:
+    """What one batch row holds: one example each, or with --pack several (by example index)."""
+    if not spec.pack:
+        return [[i] for i in range(len(train_set))]
+    return pack_examples([len(e.input_ids) for e in train_set], spec.max_seq_len)
+
+
+def make_batch(units: list[list[Example]], pack: bool) -> Batch:
+    if pack:
+        return Batch(*collate_packed(units))
+    return Batch(*collate([u[0] for u in units]))
 
 
 def train(spec: JobSpec, job_id: str, storage_url: str, hooks: Hooks) -> TrainResult:
@@ -175,13 +249,15 @@ def train(spec: JobSpec, job_id: str, storage_url: str, hooks: Hooks) -> TrainRe
     Metrics are not sent through `ray.train.report` at every step: in Ray 2.60 each report
     synchronises with the controller (about 2 s), so Ray sees metrics with each checkpoint.
     """
+    device = use_accelerator(spec.use_gpu)  # before DeepSpeed is imported
     from jobs.extensions import prepare
     prepare()
     import deepspeed
 
+    from jobs.loading import build_model, zero_init
+
     rank = dist.get_rank() if dist.is_initialized() else 0
     world = dist.get_world_size() if dist.is_initialized() else 1
-    device = torch.device(f"cuda:{int(os.environ.get('LOCAL_RANK', 0))}") if spec.use_gpu else torch.device("cpu")
     if device.type == "cpu":
         torch.set_num_threads(max(1, int(spec.cpus_per_worker)))
     storage = open_storage(storage_url)
@@ -199,26 +275,36 @@ def train(spec: JobSpec, job_id: str, storage_url: str, hooks: Hooks) -> TrainRe
     if not examples:
         raise ValueError(f"no example keeps an answer token within --max-seq-len {spec.max_seq_len}")
     train_set, eval_set = split_examples(examples, spec.eval_fraction, spec.seed)
-    lengths = [len(e.input_ids) for e in train_set]
+    units = training_units(train_set, spec)
+    lengths = [sum(len(train_set[i].input_ids) for i in u) for u in units]
     micro_per_rank = len(epoch_batches(lengths, spec.batch_size, spec.seed, 0)) // world
     steps_per_epoch = micro_per_rank // spec.grad_accum
     if steps_per_epoch == 0:
-        raise ValueError(f"{len(train_set)} training examples are too few for {world} workers x batch "
+        raise ValueError(f"{len(units)} training rows are too few for {world} workers x batch "
                          f"{spec.batch_size} x accumulation {spec.grad_accum}")
     total_steps = math.ceil(spec.epochs * steps_per_epoch)
     if spec.max_steps:
         total_steps = min(total_steps, spec.max_steps)
 
-    # Model: same seed on every rank, so LoRA's random A starts identical everywhere.
+    # Model: partitioned from the start under ZeRO-3; same seed on every rank, so LoRA's random A
+    # starts identical everywhere.
+    ds_config = deepspeed_config(spec, LlamaConfig.load(model_dir / "config.json"))
+    model = build_model(model_dir, spec.zero, ds_config, training_dtype(spec.use_gpu), device)
     torch.manual_seed(spec.seed)
-    model = load_model(model_dir)
     if spec.method == "lora":
-        apply_lora(model, lora_spec_of(spec), trainable_only=True)
+        if spec.zero == 3:
+            with zero_init(ds_config):
+                apply_lora(model, lora_spec_of(spec), trainable_only=True)
+        else:
+            apply_lora(model, lora_spec_of(spec), trainable_only=True)
+    if spec.activation_checkpointing:
+        enable_activation_checkpointing(model)
     params = [p for p in model.parameters() if p.requires_grad]
     optimizer = _optimizer(spec, params)
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lr_lambda(spec.warmup_steps, total_steps))
     engine, optimizer, _, scheduler = deepspeed.initialize(model=model, optimizer=optimizer,
-                                                           lr_scheduler=scheduler, config=deepspeed_config(spec))
+                                                           lr_scheduler=scheduler, config=ds_config)
+    _model_ready(hooks, engine.module)
     start_step = 0
     with hooks.restored_checkpoint() as ckpt:
         if ckpt is not None:
@@ -227,7 +313,8 @@ def train(spec: JobSpec, job_id: str, storage_url: str, hooks: Hooks) -> TrainRe
     result = TrainResult(first_step=start_step)
     if rank == 0:
         print(f"[herd] job {job_id}: {len(train_set)} train / {len(eval_set)} eval examples, "
-              f"{world} workers, ZeRO-{spec.zero}{' + offload' if spec.offload else ''}, {spec.method}, "
+              f"{world} workers on {device.type}, ZeRO-{spec.zero}{' + offload' if spec.offload else ''}, "
+              f"{spec.method}{', packed' if spec.pack else ''}, "
               f"{total_steps} steps" + (f", resuming at step {start_step}" if start_step else ""), flush=True)
 
     pending: list[dict] = []
@@ -243,25 +330,25 @@ def train(spec: JobSpec, job_id: str, storage_url: str, hooks: Hooks) -> TrainRe
         step_loss = 0.0
         engine.train()
         for micro in mine[i * spec.grad_accum:(i + 1) * spec.grad_accum]:
-            tokens, labels = collate([train_set[j] for j in micro])
-            tokens, labels = tokens.to(device), labels.to(device)
-            logits = engine(tokens)
+            batch = make_batch([[train_set[j] for j in units[u]] for u in micro], spec.pack)
+            logits = batch.forward(engine, device)
+            labels = batch.labels.to(device)
             n = (labels[:, 1:] != IGNORE).sum().clamp(min=1)
-            loss = F.cross_entropy(logits[:, :-1].reshape(-1, logits.shape[-1]), labels[:, 1:].reshape(-1),
-                                   ignore_index=IGNORE, reduction="sum") / n
+            loss = token_loss_sum(logits, labels) / n
             engine.backward(loss)
             engine.step()
             step_loss += loss.item() / spec.grad_accum
-            tokens_since += int((tokens != 0).sum())
+            tokens_since += int((batch.tokens != 0).sum())
         loss_avg, tokens_all = _all_reduce([step_loss / world, float(tokens_since)])
         result.losses.append(loss_avg)
         done = step + 1
         if done % spec.log_every == 0 or done == total_steps:
             elapsed = max(time.time() - t_last, 1e-6)
-            (mem,) = _all_reduce([_peak_memory_mb(device)], op=dist.ReduceOp.MAX)
+            per_worker = _all_gather(peak_memory_mb(device))
+            mem = max(per_worker)
             row = {"step": done, "total_steps": total_steps, "epoch": epoch, "loss": loss_avg,
                    "lr": scheduler.get_last_lr()[0], "tokens_per_s": tokens_all / elapsed,
-                   "peak_memory_mb": mem, "time": time.time()}
+                   "peak_memory_mb": mem, "peak_memory_mb_per_worker": per_worker, "time": time.time()}
             pending.append(row)
             t_last, tokens_since = time.time(), 0
             if rank == 0:
@@ -269,11 +356,13 @@ def train(spec: JobSpec, job_id: str, storage_url: str, hooks: Hooks) -> TrainRe
                       f"tok/s {row['tokens_per_s']:.0f} mem {mem:.0f}MB", flush=True)
                 store.append_metrics(job_id, pending)
             pending = []
-        if done % spec.checkpoint_every == 0 or done == total_steps:
+        if not spec.dry_run and (done % spec.checkpoint_every == 0 or done == total_steps):
             _checkpoint(engine, hooks, rank, done, {"step": done, "loss": loss_avg})
             t_last = time.time()  # tokens/s counts training time, not checkpoint uploads
 
     result.eval_loss = _evaluate(engine, eval_set, spec, rank, world, device)
+    if spec.dry_run:
+        return result
     final_loss = result.losses[-1] if result.losses else None
     result.published = _publish(engine, spec, job_id, storage, model_dir, rank,
                                 {"train_loss": final_loss, "eval_loss": result.eval_loss, "steps": total_steps})
@@ -301,9 +390,7 @@ def _evaluate(engine, eval_set: list[Example], spec: JobSpec, rank: int, world: 
     for b in range(math.ceil(len(batches) / world) * world):
         idx = b if b < len(batches) else 0
         tokens, labels = collate(batches[idx])
-        logits = engine(tokens.to(device))
-        loss_sum = F.cross_entropy(logits[:, :-1].reshape(-1, logits.shape[-1]), labels[:, 1:].reshape(-1).to(device),
-                                   ignore_index=IGNORE, reduction="sum")
+        loss_sum = token_loss_sum(engine(tokens.to(device)), labels.to(device))
         if b % world == rank and b < len(batches):
             total += loss_sum.item()
             count += int((labels[:, 1:] != IGNORE).sum())
@@ -312,25 +399,26 @@ def _evaluate(engine, eval_set: list[Example], spec: JobSpec, rank: int, world: 
 
 
 def _publish(engine, spec: JobSpec, job_id: str, storage, model_dir: Path, rank: int, metrics: dict) -> dict | None:
-    """Gather the weights and publish: a new adapter version (LoRA) or a new base model (full)."""
-    state = full_state_dict(engine, spec)  # collective under ZeRO-3
-    if rank != 0:
-        return None
-    with tempfile.TemporaryDirectory() as tmp:
-        out = Path(tmp)
-        if spec.method == "lora":
-            save_adapter(out, lora_spec_of(spec), peft_state_from(state))
+    """Publish a new adapter version (LoRA: only its tensors are gathered) or a new base model
+    (full: streamed shard by shard). Collective: every rank calls it."""
+    from jobs.publish import lora_state, publish_full
+    if spec.zero == 3:
+        engine.empty_partition_cache()  # settle parameters a last forward prefetched, partition all
+    if spec.method == "lora":
+        state = lora_state(engine.module, rank)
+        if rank != 0:
+            return None
+        with tempfile.TemporaryDirectory() as tmp:
+            save_adapter(tmp, lora_spec_of(spec), state)
             version = AdapterRegistry(storage).push(
-                out, spec.adapter, base_model=spec.model, job_id=job_id, metrics=metrics,
+                tmp, spec.adapter, base_model=spec.model, job_id=job_id, metrics=metrics,
                 extra={"data_sha256": spec.data_sha256}, promote=spec.promote)
-            published = {"kind": "adapter", "name": spec.adapter, "version": version}
-        else:
-            model = load_model(model_dir)
-            model.load_state_dict(state)
-            save_model(model, out)
-            (out / "tokenizer.model").write_bytes((model_dir / "tokenizer.model").read_bytes())
-            import_model(storage, out, spec.adapter)
-            published = {"kind": "model", "name": spec.adapter}
+        published = {"kind": "adapter", "name": spec.adapter, "version": version}
+    else:
+        publish_full(engine.module, storage, spec.adapter, model_dir, rank, spec.publish_shard_mb * 2**20)
+        if rank != 0:
+            return None
+        published = {"kind": "model", "name": spec.adapter}
     JobStore(storage).update(job_id, result={**published, "metrics": metrics, "data_sha256": spec.data_sha256})
     print(f"[herd] published {published}", flush=True)
     return published
@@ -357,10 +445,15 @@ def checkpoint_steps(store: JobStore, job_id: str) -> list[tuple[int, str]]:
 class LocalHooks:
     """Hooks for running the recipe without Ray: checkpoints go to a local folder."""
 
-    def __init__(self, checkpoint_root: str | Path, restore_from: str | Path | None = None):
+    def __init__(self, checkpoint_root: str | Path, restore_from: str | Path | None = None, on_model=None):
         self.root = Path(checkpoint_root)
         self.restore_from = restore_from
         self.reports: list[dict] = []
+        self.on_model = on_model
+
+    def model_ready(self, module) -> None:
+        if self.on_model is not None:
+            self.on_model(module)
 
     def report(self, metrics: dict, checkpoint_dir: str | None = None) -> None:
         self.reports.append(dict(metrics))

@@ -58,8 +58,7 @@ class RayHooks:
 
 
 def worker_main(config: dict) -> None:
-    """What each Ray Train worker runs."""
-    os.environ.setdefault("DS_ACCELERATOR", "cpu")
+    """What each Ray Train worker runs (the recipe picks the accelerator from the spec)."""
     logging.getLogger("DeepSpeed").setLevel(logging.WARNING)
     from jobs.recipe import train
     store = JobStore(open_storage(config["storage"]))
@@ -94,10 +93,21 @@ def latest_checkpoint_key(storage_url: str, job_id: str) -> str | None:
     return steps[-1][1] if steps else None
 
 
+def worker_env() -> dict[str, str]:
+    """Environment the driver hands to its workers: storage credentials, Herd and DeepSpeed
+    settings, but never DS_ACCELERATOR (each worker chooses it from the job spec)."""
+    # AWS credentials reach the workers only where the submitter forwarded them to this driver.
+    env = forwarded_env(("AWS_", "HERD_", "DS_", "TORCH_EXTENSIONS_DIR"), forward_aws_requested())
+    env.pop("DS_ACCELERATOR", None)
+    return env
+
+
 def run(job_id: str, storage_url: str, resume: bool) -> int:
     import ray
     import ray.train
-    from ray.train.torch import TorchTrainer
+    from ray.train.torch import TorchConfig, TorchTrainer
+
+    from jobs.accelerator import process_group_backend
 
     store = JobStore(open_storage(storage_url))
     spec = store.spec(job_id)
@@ -105,13 +115,13 @@ def run(job_id: str, storage_url: str, resume: bool) -> int:
     resume_key = latest_checkpoint_key(storage_url, job_id) if resume else None
     if resume:
         print(f"[herd] resuming job {job_id} from {resume_key or 'the start (no checkpoint yet)'}", flush=True)
-    # AWS credentials reach the workers only where the submitter forwarded them to this driver.
-    env = forwarded_env(("AWS_", "HERD_", "DS_", "TORCH_EXTENSIONS_DIR"), forward_aws_requested())
+    env = worker_env()
     try:
         storage_path, fs = ray_storage(storage_url, job_id)
         trainer = TorchTrainer(
             worker_main,
             train_loop_config={"job_id": job_id, "storage": storage_url, "resume_key": resume_key},
+            torch_config=TorchConfig(backend=process_group_backend(spec.use_gpu)),
             scaling_config=ray.train.ScalingConfig(num_workers=spec.workers, use_gpu=spec.use_gpu,
                                                    resources_per_worker={"CPU": spec.cpus_per_worker}),
             run_config=ray.train.RunConfig(
@@ -140,7 +150,6 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--spec", help="create the job from this spec file first (a RayJob; see infra/)")
     parser.add_argument("--data", help="with --spec: the JSONL training data")
     args = parser.parse_args(argv)
-    os.environ.setdefault("DS_ACCELERATOR", "cpu")
     storage_url = open_storage(args.storage).url
     if args.spec:
         from cluster.job_spec_file import ensure_job

@@ -109,24 +109,71 @@ def save_safetensors(hf_state: dict[str, torch.Tensor], directory: str | Path,
     if max_shard_bytes is None or total <= max_shard_bytes:
         save_file(hf_state, str(directory / SINGLE_FILE), metadata={"format": "pt"})
         return [SINGLE_FILE]
-    shards: list[dict[str, torch.Tensor]] = [{}]
-    size = 0
+    plan = plan_shards([(name, t.numel() * t.element_size()) for name, t in hf_state.items()], max_shard_bytes)
+    writer = ShardWriter(directory, plan)
     for name, tensor in hf_state.items():
-        nbytes = tensor.numel() * tensor.element_size()
+        writer.add(name, tensor)
+    return writer.close()
+
+
+def plan_shards(sizes: list[tuple[str, int]], max_shard_bytes: int) -> list[list[str]]:
+    """Tensor names per shard file, in order: a new shard starts when the next tensor would overflow."""
+    shards: list[list[str]] = [[]]
+    size = 0
+    for name, nbytes in sizes:
         if shards[-1] and size + nbytes > max_shard_bytes:
-            shards.append({})
+            shards.append([])
             size = 0
-        shards[-1][name] = tensor
+        shards[-1].append(name)
         size += nbytes
-    files, weight_map = [], {}
-    for i, shard in enumerate(shards, start=1):
-        fname = f"model-{i:05d}-of-{len(shards):05d}.safetensors"
-        save_file(shard, str(directory / fname), metadata={"format": "pt"})
-        files.append(fname)
-        weight_map.update({name: fname for name in shard})
-    index = {"metadata": {"total_size": total}, "weight_map": weight_map}
-    (directory / INDEX_FILE).write_text(json.dumps(index, indent=2) + "\n")
-    return files + [INDEX_FILE]
+    return shards
+
+
+class ShardWriter:
+    """Writes `model-0000i-of-0000N.safetensors` files as their tensors arrive, then the index.
+
+    Only the shard being filled is held in memory, so a model can be saved a layer at a time
+    (a ZeRO-3 publish gathers one layer, hands its tensors here, and releases it). `on_file` is
+    called with each finished file (e.g. to upload and delete it).
+    """
+
+    def __init__(self, directory: str | Path, plan: list[list[str]], on_file=None):
+        self.directory = Path(directory)
+        self.directory.mkdir(parents=True, exist_ok=True)
+        self.plan = plan
+        self.shard_of = {name: i for i, names in enumerate(plan) for name in names}
+        self.pending: dict[int, dict[str, torch.Tensor]] = {}
+        self.weight_map: dict[str, str] = {}
+        self.total = 0
+        self.files: list[str] = []
+        self.on_file = on_file
+
+    def _fname(self, i: int) -> str:
+        return f"model-{i + 1:05d}-of-{len(self.plan):05d}.safetensors"
+
+    def add(self, name: str, tensor: torch.Tensor) -> None:
+        i = self.shard_of[name]
+        shard = self.pending.setdefault(i, {})
+        shard[name] = tensor.detach().contiguous()
+        if len(shard) == len(self.plan[i]):
+            fname = self._fname(i)
+            save_file({n: shard[n] for n in self.plan[i]}, str(self.directory / fname), metadata={"format": "pt"})
+            self.total += sum(t.numel() * t.element_size() for t in shard.values())
+            self.weight_map.update({n: fname for n in self.plan[i]})
+            self.files.append(fname)
+            del self.pending[i]
+            if self.on_file is not None:
+                self.on_file(self.directory / fname)
+
+    def close(self) -> list[str]:
+        missing = [n for names in self.plan for n in names if n not in self.weight_map]
+        if missing:
+            raise WeightsError(f"{self.directory}: tensors never written: {missing[:5]}")
+        index = {"metadata": {"total_size": self.total}, "weight_map": self.weight_map}
+        (self.directory / INDEX_FILE).write_text(json.dumps(index, indent=2) + "\n")
+        if self.on_file is not None:
+            self.on_file(self.directory / INDEX_FILE)
+        return self.files + [INDEX_FILE]
 
 
 def _read_safetensors(path: Path, device: torch.device | str = "cpu",
@@ -146,6 +193,14 @@ def _read_safetensors(path: Path, device: torch.device | str = "cpu",
         raise WeightsError(f"{path}: not a readable safetensors file ({e})") from e
 
 
+def _read_index(index_path: Path) -> dict[str, str]:
+    """The weight_map of a `model.safetensors.index.json` (tensor name -> shard file)."""
+    try:
+        return json.loads(index_path.read_text())["weight_map"]
+    except (json.JSONDecodeError, KeyError, TypeError) as e:
+        raise WeightsError(f"{index_path}: not a valid safetensors index ({e})") from e
+
+
 def load_safetensors(directory: str | Path, device: torch.device | str = "cpu",
                      dtype: torch.dtype | None = None) -> dict[str, torch.Tensor]:
     """All HF tensors of a model dir, single-file or sharded (following the index), on `device`
@@ -153,10 +208,7 @@ def load_safetensors(directory: str | Path, device: torch.device | str = "cpu",
     directory = Path(directory)
     index_path = directory / INDEX_FILE
     if index_path.is_file():
-        try:
-            weight_map: dict[str, str] = json.loads(index_path.read_text())["weight_map"]
-        except (json.JSONDecodeError, KeyError, TypeError) as e:
-            raise WeightsError(f"{index_path}: not a valid safetensors index ({e})") from e
+        weight_map = _read_index(index_path)
         state: dict[str, torch.Tensor] = {}
         for fname in sorted(set(weight_map.values())):
             if "/" in fname or fname.startswith("."):
@@ -173,6 +225,95 @@ def load_safetensors(directory: str | Path, device: torch.device | str = "cpu",
     if not single.exists():
         raise WeightsError(f"{directory}: no {SINGLE_FILE} or {INDEX_FILE} found")
     return _read_safetensors(single, device, dtype)
+
+
+def tensor_files(directory: str | Path) -> dict[str, Path]:
+    """HF tensor name -> the safetensors file that holds it (single-file or sharded dir)."""
+    directory = Path(directory)
+    index_path = directory / INDEX_FILE
+    if index_path.is_file():
+        weight_map = _read_index(index_path)
+        if any("/" in f or f.startswith(".") for f in weight_map.values()):
+            raise WeightsError(f"{index_path}: a shard name points outside the model dir")
+        return {name: directory / fname for name, fname in weight_map.items()}
+    single = directory / SINGLE_FILE
+    if not single.is_file():
+        raise WeightsError(f"{directory}: no {SINGLE_FILE} or {INDEX_FILE} found")
+    with safe_open(str(single), framework="pt") as f:
+        return {name: single for name in f.keys()}
+
+
+def tensor_shapes(directory: str | Path) -> dict[str, tuple[int, ...]]:
+    """HF tensor name -> shape, read from the safetensors headers only (no tensor data)."""
+    out: dict[str, tuple[int, ...]] = {}
+    by_file: dict[Path, list[str]] = {}
+    for name, path in tensor_files(directory).items():
+        by_file.setdefault(path, []).append(name)
+    for path, names in by_file.items():
+        try:
+            with safe_open(str(path), framework="pt") as f:
+                for name in names:
+                    out[name] = tuple(f.get_slice(name).get_shape())
+        except (SafetensorError, OSError) as e:
+            raise WeightsError(f"{path}: not a readable safetensors file ({e})") from e
+    return out
+
+
+def check_model_dir(directory: str | Path) -> LlamaConfig:
+    """config.json and the tensor names/shapes of a model dir agree (headers only, nothing loaded)."""
+    directory = Path(directory)
+    cfg = LlamaConfig.load(directory / "config.json")
+    shapes = {n: s for n, s in tensor_shapes(directory).items() if "rotary_emb" not in n}
+    meta = {name: torch.empty(shape, device="meta") for name, shape in shapes.items()}
+    check_state_dict(cfg, state_dict_from_hf(meta, str(directory)), str(directory))
+    return cfg
+
+
+def read_flat_range(path: str | Path, name: str, start: int, end: int) -> torch.Tensor:
+    """Elements [start, end) of the flattened tensor `name`, reading only the rows that hold them.
+
+    This is how a ZeRO-3 rank loads its partition (DeepSpeed partitions the flattened tensor into
+    equal contiguous ranges): about 1/N of each tensor is read, never the whole model.
+    """
+    with safe_open(str(path), framework="pt") as f:
+        sl = f.get_slice(name)
+        shape = sl.get_shape()
+        row = 1
+        for d in shape[1:]:
+            row *= d
+        if not shape:
+            return f.get_tensor(name).reshape(-1)[start:end]
+        r0, r1 = start // row, -(-end // row)
+        rows = sl[r0:r1].reshape(-1)
+        return rows[start - r0 * row: end - r0 * row]
+
+
+def load_model_streamed(directory: str | Path, dtype: torch.dtype = torch.float32,
+                        device: torch.device | str = "cpu") -> Transformer:
+    """The model built on the meta device and filled tensor by tensor, already in `dtype` on `device`.
+
+    Unlike `load_model`, no fp32 copy of the whole model is ever held in host memory: each tensor
+    is read (memory-mapped), converted and moved before the next (a bf16 LoRA base on a GPU never
+    exists in fp32 anywhere).
+    """
+    directory = Path(directory)
+    if not directory.is_dir():
+        raise WeightsError(f"{directory}: model directory not found")
+    cfg = check_model_dir(directory)
+    with torch.device("meta"):
+        model = Transformer(cfg)
+    state: dict[str, torch.Tensor] = {}
+    by_file: dict[Path, list[str]] = {}
+    for name, path in tensor_files(directory).items():
+        by_file.setdefault(path, []).append(name)
+    for path, names in by_file.items():
+        with safe_open(str(path), framework="pt") as f:
+            for name in names:
+                herd = hf_to_herd_name(name)
+                if herd is not None:
+                    state[herd] = f.get_tensor(name).to(device=device, dtype=dtype)
+    model.load_state_dict(state, assign=True)
+    return model.eval()
 
 
 # ---- whole model dirs ---------------------------------------------------------------------
@@ -254,5 +395,6 @@ def inference_dtype(choice: str, directory: str | Path, device: torch.device | s
 
 __all__ = [
     "ConfigError", "WeightsError", "save_model", "load_model", "inference_dtype", "DTYPE_NAMES",
-    "save_safetensors", "load_safetensors",    "state_dict_to_hf", "state_dict_from_hf", "check_state_dict", "herd_to_hf_name", "hf_to_herd_name",
+    "save_safetensors", "load_safetensors", "plan_shards", "ShardWriter", "tensor_files", "tensor_shapes",
+    "check_model_dir", "read_flat_range", "load_model_streamed", "state_dict_to_hf", "state_dict_from_hf", "check_state_dict", "herd_to_hf_name", "hf_to_herd_name",
 ]

@@ -15,7 +15,6 @@ import torch
 # the paged-attention kernel check the very code a GPU runs. Read when triton is first imported.
 if shutil.which("nvidia-smi") is None:
     os.environ.setdefault("TRITON_INTERPRET", "1")
-os.environ.setdefault("DS_ACCELERATOR", "cpu")
 os.environ.setdefault("HERD_CACHE_DIR", str(Path(__file__).resolve().parents[1] / ".cache" / "herd"))
 os.environ.setdefault("TORCH_EXTENSIONS_DIR", str(Path(sys.prefix) / "torch_extensions"))  # per venv
 os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")

@@ -35,6 +35,15 @@ def test_cluster_status(ray_cluster):
     assert status["running"] and status["resources"]["CPU"]["total"] >= 4
 
 
+def test_gpu_job_refused_on_a_cluster_without_gpus(storage_dir, data):
+    """Ray Train would wait forever for GPUs this cluster does not have: refused at submission, exit 1."""
+    _storage_with_base(str(storage_dir))
+    r = herd("finetune", "submit", "--model", "base", "--data", str(data), "--adapter", "gpu-job", "--gpu",
+             "--workers", "2", "--follow", storage=storage_dir, expect=1)
+    assert "needs 2 GPUs (2 workers x 1 GPU) but the cluster has 0" in r.output
+    assert herd_json("finetune", "list", storage=storage_dir) == []  # nothing submitted, nothing stored
+
+
 def test_lora_zero2_two_workers_via_cli(tmp_path, storage_dir, data):
     _storage_with_base(str(storage_dir))
     r = herd("finetune", "submit", "--model", "base", "--data", str(data), "--adapter", "bible", "--zero", "2",
