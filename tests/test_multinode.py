@@ -114,11 +114,11 @@ def nodes(seaweed, tmp_path_factory):
         c = Nodes(root, seaweed.env())
         c.add("a")
         c.add("b")
-        _wait(lambda: _job_agent_ready(c.url), 300, "the head's job agent", every=2)
         ray.init(address=c.cluster.address)
         from ray import serve
         c.serve_port = _free_port()
         serve.start(proxy_location="HeadOnly", http_options={"host": HEAD_IP, "port": c.serve_port})
+        _wait(lambda: _job_agent_ready(c.url), 300, "the head's job agent", every=2)
         yield c
     finally:
         ray.shutdown()
