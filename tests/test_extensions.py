@@ -38,3 +38,25 @@ def test_build_folder_is_per_virtual_environment(monkeypatch, tmp_path):
     assert os.environ["TORCH_EXTENSIONS_DIR"] == str(extensions.default_dir())
     monkeypatch.setenv("TORCH_EXTENSIONS_DIR", str(tmp_path))  # an explicit choice wins
     assert extensions.prepare() == tmp_path
+
+
+def test_orphaned_shm_buffers_are_removed_and_mapped_ones_kept(tmp_path):
+    """DeepSpeed never unlinks its all-reduce buffers: those no process maps (and not brand new) go."""
+    import mmap
+    import os
+    import time
+
+    from jobs.extensions import remove_orphaned_shm_buffers
+    old = time.time() - 3600
+    orphan, live, young = (tmp_path / f"deepspeed_allreduce_buffer_0_127.0.0.1_1_{i}" for i in range(3))
+    for path in (orphan, live, young):
+        path.write_bytes(b"\0" * 4096)
+    os.utime(orphan, (old, old))
+    os.utime(live, (old, old))
+    other = tmp_path / "not_deepspeed"
+    other.write_bytes(b"x")
+    os.utime(other, (old, old))
+    with open(live, "r+b") as f, mmap.mmap(f.fileno(), 4096):  # a running job maps its buffer
+        removed = remove_orphaned_shm_buffers(tmp_path)
+    assert removed == [orphan]
+    assert live.exists() and young.exists() and other.exists() and not orphan.exists()
