@@ -40,12 +40,12 @@ LORA_TARGETS = "q_proj,k_proj,v_proj,o_proj,gate_proj,up_proj,down_proj"
 class Recipe:
     """How much of everything the story uses (the full demo, or `--quick` for the test)."""
 
-    pretrain_steps: int = 300
+    pretrain_steps: int = 400
     n_train: int = 2400
     n_heldout: int = 50
     epochs: float = 3.0
     max_steps: int | None = None
-    lr: float = 6e-3
+    lr: float = 3e-3
     batch_size: int = 8
     lora_rank: int = 16
 
