@@ -173,8 +173,13 @@ def run_story(recipe: Recipe, workdir: Path, port: int | None = None) -> StoryRe
     if recipe.max_steps:
         args[-2:-2] = ["--max-steps", str(recipe.max_steps)]
     console.print(f"[dim]$ herd {' '.join(args)}[/]", highlight=False)
-    proc = subprocess.run([HERD, *args], text=True, stderr=subprocess.PIPE)
-    sys.stderr.write(proc.stderr)
+    for attempt in range(4):  # a Ray head that just started may not have its job agent yet
+        proc = subprocess.run([HERD, *args], text=True, stderr=subprocess.PIPE)
+        sys.stderr.write(proc.stderr)
+        if proc.returncode == 0 or "No available agent to submit job" not in proc.stderr:
+            break
+        console.print("the Ray job agent is not up yet; submitting again in 10 s")
+        time.sleep(10)
     if proc.returncode != 0:
         raise RuntimeError(f"fine-tuning failed with exit code {proc.returncode}")
     stages["fine-tune + promote"] = time.time() - t
