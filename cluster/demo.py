@@ -50,7 +50,7 @@ class Recipe:
     lora_rank: int = 16
 
 
-QUICK = Recipe(pretrain_steps=100, n_train=1200, n_heldout=30, epochs=3.0, max_steps=150)
+QUICK = Recipe(pretrain_steps=200, n_heldout=30)
 
 
 @dataclass
