@@ -57,3 +57,15 @@ def test_story_adapter_beats_base_on_held_out_through_the_api(tmp_path, monkeypa
     assert f"call it as model '{demo.BASE}:{demo.ADAPTER}' (version v1)" in result.handoff
     assert re.search(rf"live: http://127\.0\.0\.1:{free_port}/v1 answers '{demo.BASE}:{demo.ADAPTER}' with v1",
                      result.handoff), result.handoff
+
+
+def test_pretrained_base_is_cached_and_identical(tmp_path, monkeypatch):
+    from llama.tiny import create_tiny
+    from llama.weights import load_safetensors
+    monkeypatch.setenv("HERD_CACHE_DIR", str(tmp_path / "cache"))
+    first = load_safetensors(create_tiny(tmp_path / "a", train_steps=2))
+    assert len(list((tmp_path / "cache").glob("pretrained-*.safetensors"))) == 1
+    second = load_safetensors(create_tiny(tmp_path / "b", train_steps=2))
+    untrained = load_safetensors(create_tiny(tmp_path / "c"))
+    assert first.keys() == second.keys() and all(first[k].equal(second[k]) for k in first)
+    assert any(not first[k].equal(untrained[k]) for k in first)
