@@ -50,7 +50,7 @@ class Recipe:
     lora_rank: int = 16
 
 
-QUICK = Recipe(pretrain_steps=200, n_heldout=30)
+QUICK = Recipe(n_heldout=30)
 
 
 @dataclass
