@@ -128,6 +128,9 @@ def finetune_submit(
         emit(record, json_, finetune.describe(record))
         if record["state"] != "SUCCEEDED":
             raise typer.Exit(1)
+        from cluster.handoff import handoff_lines  # the train -> serve hand-off, on stderr
+        for line in handoff_lines(record, address):
+            err_console.print(f"[bold green]{line}[/]", highlight=False)
     run_guarded(body)
 
 

@@ -78,9 +78,28 @@ def create_tiny(directory: str | Path, preset_name: str = "tiny", seed: int = 0,
     torch.manual_seed(seed)
     model = init_weights(Transformer(cfg), seed=seed)
     if train_steps:
-        pretrain(model, tok_path, train_steps, seed=seed, progress=progress)
+        _pretrained(model, tok_path, train_steps, seed, progress)
     save_model(model, directory)
     return directory
+
+
+def _pretrained(model: Transformer, tok_path: Path, steps: int, seed: int,
+                progress: Callable[[int, float], None] | None) -> None:
+    """Pre-train, or reuse the weights of the same pre-training from the cache (it is deterministic;
+    minutes of CPU that the demo and its test would otherwise pay on every run)."""
+    from safetensors.torch import load_file, save_file
+    tok_sha = hashlib.sha256(tok_path.read_bytes()).hexdigest()
+    recipe = f"{model.cfg.model_dump_json()}:{steps}:{seed}:{CORPUS.stat().st_size}:{tok_sha}:v1"
+    cached = cache_dir() / f"pretrained-{hashlib.sha256(recipe.encode()).hexdigest()[:16]}.safetensors"
+    if cached.is_file():
+        model.load_state_dict(load_file(cached))
+        model.eval()
+        return
+    pretrain(model, tok_path, steps, seed=seed, progress=progress)
+    cached.parent.mkdir(parents=True, exist_ok=True)
+    tmp = cached.with_suffix(f".tmp{os.getpid()}")
+    save_file({k: v.contiguous() for k, v in model.state_dict().items()}, str(tmp))
+    tmp.replace(cached)
 
 
 def pretrain(model: Transformer, tokenizer_path: Path, steps: int, seq_len: int = 128, batch: int = 16,
