@@ -299,10 +299,11 @@ def _deployed_env() -> dict:
 
 def test_scale_sets_replica_bounds(served):
     env_before = _deployed_env()
-    assert env_before.get("DS_ACCELERATOR") == "cpu"
-    # from a shell without HERD_API_KEY (nor anything else): the deployed key and environment stay
+    assert env_before.get("HERD_GCS_PORT")
+    # from a shell without HERD_API_KEY and with a variable of its own: the deployed key and
+    # environment stay as deployed (nothing of the scaling shell reaches the replicas)
     out = herd_json("serve", "scale", "--min-replicas", "2", "--max-replicas", "3",
-                    env={"HERD_API_KEY": None, "DS_ACCELERATOR": None, "HERD_CACHE_DIR": None})
+                    env={"HERD_API_KEY": None, "HERD_CACHE_DIR": None, "HERD_ONLY_IN_THE_SCALING_SHELL": "1"})
     assert out["args"]["min_replicas"] == 2 and out["args"]["storage"] == served["storage"]
     assert _deployed_env() == env_before
     deadline = time.time() + 60
