@@ -35,7 +35,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from llama.config import LlamaConfig, preset  # noqa: E402
 from llama.generation import SamplingParams  # noqa: E402
 from llama.lora import LoraSpec, peft_key  # noqa: E402
-from llama.model import Transformer  # noqa: E402
+from llama.model import Transformer, random_model  # noqa: E402
 from llama.paged_cache import kv_bytes_per_token  # noqa: E402
 from llama.weights import herd_to_hf_name  # noqa: E402
 
@@ -60,21 +60,6 @@ def copy_bandwidth(device: torch.device, gib: float) -> float:
 def sync(device: torch.device) -> None:
     if device.type == "cuda":
         torch.cuda.synchronize(device)
-
-
-def random_model(cfg: LlamaConfig, device: torch.device, dtype: torch.dtype) -> Transformer:
-    """Random weights made on the device (a 7B CPU init would take minutes)."""
-    with torch.device("meta"):
-        model = Transformer(cfg).to(dtype)
-    model = model.to_empty(device=device)
-    gen = torch.Generator(device=device).manual_seed(0)
-    with torch.no_grad():
-        for name, p in model.named_parameters():
-            if name.endswith("norm.weight"):
-                p.fill_(1.0)
-            else:
-                p.normal_(0, 0.02, generator=gen)
-    return model.eval()
 
 
 def hf_twin(model: Transformer, cfg: LlamaConfig):

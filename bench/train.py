@@ -158,18 +158,8 @@ def matmul_rate(device: torch.device, n: int, dtype: torch.dtype, reps: int = 10
 
 
 def _random_model(cfg: LlamaConfig, device: torch.device, dtype: torch.dtype):
-    from llama.model import Transformer
-    with torch.device("meta"):
-        model = Transformer(cfg)
-    model = model.to_empty(device=device).to(dtype)
-    gen = torch.Generator(device=device).manual_seed(0)
-    with torch.no_grad():
-        for name, p in model.named_parameters():
-            if name.endswith("norm.weight"):
-                p.fill_(1.0)
-            else:
-                p.normal_(0, 0.02, generator=gen)
-    return model
+    from llama.model import random_model
+    return random_model(cfg, device, dtype).train()
 
 
 def _time_steps(step, batches: list[torch.Tensor], device: torch.device, warmup: int = 2) -> float:
