@@ -46,19 +46,24 @@ def recover_stale_locks(root: str | Path, min_age_s: float = 10.0) -> list[Path]
 
     A lock younger than `min_age_s` is left alone (its builder may be starting up)."""
     root = Path(root)
-    locks = [*root.glob("*/lock"), *root.glob("*/*/lock")]
-    if not locks:
+    return _remove_unused([*root.glob("*/lock"), *root.glob("*/*/lock")], _open_files, min_age_s)
+
+
+def _remove_unused(paths: list[Path], in_use, min_age_s: float) -> list[Path]:
+    """Unlink the files of `paths` older than `min_age_s` that are not in `in_use()` (called only
+    when there is something to check: it scans /proc)."""
+    if not paths:
         return []
-    held = _open_files()
+    used = in_use()
     removed = []
-    for lock in locks:
+    for path in paths:
         try:
-            age = time.time() - lock.stat().st_mtime
+            age = time.time() - path.stat().st_mtime
         except FileNotFoundError:
             continue
-        if age >= min_age_s and str(lock.resolve()) not in held:
-            lock.unlink(missing_ok=True)
-            removed.append(lock)
+        if age >= min_age_s and str(path.resolve()) not in used:
+            path.unlink(missing_ok=True)
+            removed.append(path)
     return removed
 
 
@@ -82,20 +87,7 @@ def _mapped_files() -> set[str]:
 def remove_orphaned_shm_buffers(shm: str | Path = "/dev/shm", min_age_s: float = 60.0) -> list[Path]:
     """Remove DeepSpeed all-reduce buffers that no process maps (their job ended); returns them.
     A buffer younger than `min_age_s` is left alone (its job may be starting up)."""
-    buffers = list(Path(shm).glob(SHM_BUFFERS))
-    if not buffers:
-        return []
-    mapped = _mapped_files()
-    removed = []
-    for buf in buffers:
-        try:
-            age = time.time() - buf.stat().st_mtime
-        except FileNotFoundError:
-            continue
-        if age >= min_age_s and str(buf) not in mapped:
-            buf.unlink(missing_ok=True)
-            removed.append(buf)
-    return removed
+    return _remove_unused(list(Path(shm).glob(SHM_BUFFERS)), _mapped_files, min_age_s)
 
 
 def prepare() -> Path:
