@@ -1,6 +1,5 @@
 """The shared-memory channel that carries TP steps from a replica to its workers (no Ray here)."""
 
-import multiprocessing
 import threading
 
 import pytest
@@ -8,20 +7,20 @@ import pytest
 from serving.step_channel import StepChannel, serve_steps
 
 
-def _worker(spec, rank):
+def _execute(rank):
     def execute(step):
         if step == "boom":
             raise ValueError("bad step")
         return {"rank": rank, "doubled": [2 * x for x in step]}
-    serve_steps(spec, rank, execute, threading.Lock()).join()
+    return execute
 
 
 def test_steps_reach_every_worker_and_rank_0_answers():
-    ctx = multiprocessing.get_context("spawn")  # fresh processes, as Ray workers are
+    """Two workers (threads here; Ray actor processes in tests/test_tensor_parallel.py) attach to the
+    channel's files and FIFOs by path, as a worker process does."""
     channel = StepChannel(workers=2)
-    procs = [ctx.Process(target=_worker, args=(channel.spec(), r), daemon=True) for r in range(2)]
-    for p in procs:
-        p.start()
+    lock = threading.Lock()
+    workers = [serve_steps(channel.spec(), r, _execute(r), lock) for r in range(2)]
     try:
         channel.connect(timeout_s=30)
         for i in range(50):
@@ -31,9 +30,9 @@ def test_steps_reach_every_worker_and_rank_0_answers():
         assert channel.send([7], timeout_s=30)["doubled"] == [14]  # still serving after an error
     finally:
         channel.close()  # the workers read end-of-file and stop
-        for p in procs:
-            p.join(timeout=30)
-    assert all(p.exitcode == 0 for p in procs)
+        for w in workers:
+            w.join(timeout=30)
+    assert not any(w.is_alive() for w in workers)
 
 
 def test_a_worker_that_never_attaches_or_answers_times_out():
