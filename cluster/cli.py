@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import enum
 import json
-import os
 import sys
 from typing import Annotated, Any, NoReturn
 

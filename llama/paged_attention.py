@@ -92,7 +92,7 @@ def paged_attention_reference(q: torch.Tensor, k_pool: torch.Tensor, v_pool: tor
                               positions: torch.Tensor) -> torch.Tensor:
     """The same in plain torch (gather, repeat, mask, softmax): the definition the kernel must meet."""
     b, h, t, d = q.shape
-    block, kvh = k_pool.shape[1], k_pool.shape[2]
+    kvh = k_pool.shape[2]
     k = k_pool[tables].reshape(b, -1, kvh, d).transpose(1, 2).repeat_interleave(h // kvh, dim=1)
     v = v_pool[tables].reshape(b, -1, kvh, d).transpose(1, 2).repeat_interleave(h // kvh, dim=1)
     keys = torch.arange(k.shape[2], device=q.device)

@@ -22,7 +22,7 @@ import time
 import torch
 
 from llama.tokenizer import Tokenizer
-from serving.adapters import AdapterKey, AdapterLoader, AdapterSlots  # noqa: F401 (re-exported)
+from serving.adapters import AdapterLoader, AdapterSlots
 from serving.detokenizer import IncrementalDetokenizer
 from serving.kv_blocks import BlockPool
 from serving.request import ErrorEvent, FinishEvent, Request, TokenEvent  # noqa: F401 (re-exported)
@@ -56,7 +56,6 @@ class Engine:
         # ... and at most every this many ms per request: each chunk costs the HTTP stack far more
         # than a token costs the model, and a reader sees no difference below ~50 ms.
         self.stream_interval_s = stream_interval_ms / 1000
-        self.speculate_tokens = speculate_tokens
         self._cv = threading.Condition()
         self._stop = False
         self.stats = collections.Counter()

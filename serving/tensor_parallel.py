@@ -17,7 +17,6 @@ otherwise, or for a step too large for the buffer, as one Ray call per worker.
 from __future__ import annotations
 
 import logging
-import os
 import tempfile
 import threading
 from pathlib import Path
