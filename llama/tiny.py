@@ -89,7 +89,7 @@ def _pretrained(model: Transformer, tok_path: Path, steps: int, seed: int,
     minutes of CPU that the demo and its test would otherwise pay on every run)."""
     from safetensors.torch import load_file, save_file
     tok_sha = hashlib.sha256(tok_path.read_bytes()).hexdigest()
-    recipe = f"{model.cfg.model_dump_json()}:{steps}:{seed}:{CORPUS.stat().st_size}:{tok_sha}:v1"
+    recipe = f"{model.cfg.model_dump_json()}:{steps}:{seed}:{CORPUS.stat().st_size}:{tok_sha}:v2"
     cached = cache_dir() / f"pretrained-{hashlib.sha256(recipe.encode()).hexdigest()[:16]}.safetensors"
     if cached.is_file():
         model.load_state_dict(load_file(cached))
@@ -104,7 +104,23 @@ def _pretrained(model: Transformer, tok_path: Path, steps: int, seed: int,
 
 def pretrain(model: Transformer, tokenizer_path: Path, steps: int, seq_len: int = 128, batch: int = 16,
              lr: float = 3e-3, seed: int = 0, progress: Callable[[int, float], None] | None = None) -> list[float]:
-    """Next-token training on the shipped text (plain AdamW; minutes of CPU at most for tiny shapes)."""
+    """Next-token training on the shipped text (plain AdamW; a minute of CPU for the tiny shape).
+
+    Runs on one torch thread (the caller's setting is restored after): the tiny shape's matmuls
+    are too small to gain from a second OpenMP thread, and when another process holds the other
+    core (a Ray cluster, a test suite) the second thread's spin-waits made each step ~10x slower
+    (40 steps: 3.4 s on one thread, 28-48 s on two, with one core busy).
+    """
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        return _pretrain(model, tokenizer_path, steps, seq_len, batch, lr, seed, progress)
+    finally:
+        torch.set_num_threads(threads)
+
+
+def _pretrain(model: Transformer, tokenizer_path: Path, steps: int, seq_len: int, batch: int, lr: float,
+              seed: int, progress: Callable[[int, float], None] | None) -> list[float]:
     import random
 
     from llama.tokenizer import Tokenizer
