@@ -4,7 +4,8 @@ DeepSpeed picks its accelerator once per process (from DS_ACCELERATOR, else by p
 inherited from the submitting shell would force a `--gpu` job onto the CPU accelerator while the
 recipe moves batches to `cuda:N`, so nothing forwards DS_ACCELERATOR any more: each worker sets
 it from the spec before DeepSpeed is imported. CPU jobs get DeepSpeed's CPU accelerator (gloo,
-fp32, and glibc told to return freed memory); `--gpu` jobs CUDA with NCCL, one GPU per worker process (bf16, fp32 master weights).
+fp32, glibc told to return freed memory); `--gpu` jobs CUDA with NCCL, one GPU per worker
+process (bf16, fp32 master weights).
 """
 
 from __future__ import annotations

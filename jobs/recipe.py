@@ -11,8 +11,8 @@ jobs/loading.py), wrap it with LoRA (or train it whole), hand it to `deepspeed.i
 (ZeRO 0-3, optional CPU offload), then loop over deterministic, length-bucketed (or packed:
 jobs/packing.py) batches with gradient accumulation, a cosine schedule with warmup and clipping.
 Every `log_every` steps it reports step, loss, lr, tokens/s and each worker's peak memory; every
-`checkpoint_every` steps (and at the end) a DeepSpeed checkpoint, the run's last two kept. At the end it publishes,
-gathering only what it writes (jobs/publish.py).
+`checkpoint_every` steps (and at the end) a DeepSpeed checkpoint (the run's last two are kept).
+At the end it publishes, gathering only what it writes (jobs/publish.py).
 """
 
 from __future__ import annotations
@@ -43,7 +43,6 @@ from llama.config import LlamaConfig
 from llama.lora import LoraSpec, apply_lora, lora_layers, save_adapter
 from llama.sft_data import IGNORE, Example, read_dataset, tokenize_dialog
 from llama.tokenizer import Tokenizer
-
 
 
 class Hooks(Protocol):

@@ -1,9 +1,9 @@
 """The job driver: `python -m jobs.run --job-id ID [--resume]`, started by Ray's Job Submission API.
 
 It reads the job spec from the storage root, runs the recipe on N Ray Train workers (each rank
-writes its checkpoint files under `jobs/<id>/checkpoints/run-<attempt>/`, where Ray Train also
-keeps its run state), lets Ray Train restart a lost worker group from the last checkpoint
-(`FailureConfig(max_failures)`), and records the outcome in job.json.
+writes its checkpoint files under `jobs/<id>/checkpoints/run-<attempt>/`; Ray Train keeps its own
+run state beside them, in `attempt-<n>/`), lets Ray Train restart a lost worker group from the
+last checkpoint (`FailureConfig(max_failures)`), and records the outcome in job.json.
 """
 
 from __future__ import annotations

@@ -147,7 +147,8 @@ def test_each_rank_streams_its_checkpoint_files_to_s3_and_resume_continues(tmp_p
     written = {k for p in full["probes"] for k in p["saved_keys"] if k.startswith("ckpt/step_000006/")}
     assert {k for k in stored if k.endswith(".pt")} == written
 
-    resumed = run_recipe(url, "s3c", tmp_path, world=2, checkpoints=f"{prefix}/ckpt", restore=f"{prefix}/ckpt/step_000004")
+    resumed = run_recipe(url, "s3c", tmp_path, world=2, checkpoints=f"{prefix}/ckpt",
+                         restore=f"{prefix}/ckpt/step_000004")
     assert resumed["first_step"] == 4 and len(resumed["losses"]) == 2
     assert max(abs(a - b) for a, b in zip(full["losses"][4:], resumed["losses"])) <= 1e-6
 
