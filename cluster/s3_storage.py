@@ -8,10 +8,13 @@ object and the reason, never a bare traceback.
 
 from __future__ import annotations
 
+import contextlib
+import io
 import os
 import threading
 import time
 from pathlib import Path
+from typing import BinaryIO, Iterator
 from urllib.parse import urlparse
 
 import boto3
@@ -137,6 +140,24 @@ class S3Storage(Storage):
         self._call("download", key, self.client.download_file, self.bucket, self._key(key), str(tmp), Config=_TRANSFER)
         tmp.replace(local)
 
+    @contextlib.contextmanager
+    def open_write(self, key: str, part_size: int = _TRANSFER.multipart_chunksize) -> Iterator[BinaryIO]:
+        """Multipart upload in `part_size` parts as the caller writes (one part in memory at a
+        time); a single PUT if it all fits in one part; aborted if the block raises."""
+        writer = _MultipartWriter(self, key, part_size)
+        try:
+            yield writer
+            writer.finish()
+        except BaseException:
+            writer.abort()
+            raise
+
+    @contextlib.contextmanager
+    def open_read(self, key: str) -> Iterator[BinaryIO]:
+        head = self._call("read", key, self.client.head_object, Bucket=self.bucket, Key=self._key(key))
+        with io.BufferedReader(_RangeReader(self, key, head["ContentLength"]), buffer_size=1 << 20) as f:
+            yield f
+
     def exists(self, key: str) -> bool:
         try:
             self._call("check", key, self.client.head_object, Bucket=self.bucket, Key=self._key(key))
@@ -183,6 +204,98 @@ class S3Storage(Storage):
 
     def local_path(self, prefix: str) -> Path | None:
         return None
+
+
+class _MultipartWriter(io.RawIOBase):
+    """The write side of `S3Storage.open_write`: buffers at most one part, uploads it when full."""
+
+    def __init__(self, s3: S3Storage, key: str, part_size: int):
+        super().__init__()
+        self.s3, self.key, self.part_size = s3, key, max(part_size, 5 * 2**20)  # S3's smallest part
+        self.buf = bytearray()
+        self.parts: list[dict] = []
+        self.upload_id: str | None = None
+        self.written = 0
+
+    def writable(self) -> bool:
+        return True
+
+    def write(self, data) -> int:
+        view = memoryview(data).cast("B")
+        n, pos = len(view), 0
+        while pos < n:
+            take = min(n - pos, self.part_size - len(self.buf))
+            self.buf += view[pos:pos + take]
+            pos += take
+            if len(self.buf) >= self.part_size:
+                self._upload_part()
+        self.written += n
+        return n
+
+    def tell(self) -> int:
+        return self.written
+
+    def _upload_part(self) -> None:
+        s3, key = self.s3, self.s3._key(self.key)
+        if self.upload_id is None:
+            self.upload_id = s3._call("upload", self.key, s3.client.create_multipart_upload,
+                                      Bucket=s3.bucket, Key=key)["UploadId"]
+        number = len(self.parts) + 1
+        resp = s3._call("upload", self.key, s3.client.upload_part, Bucket=s3.bucket, Key=key,
+                        UploadId=self.upload_id, PartNumber=number, Body=bytes(self.buf))
+        self.parts.append({"ETag": resp["ETag"], "PartNumber": number})
+        self.buf = bytearray()
+
+    def finish(self) -> None:
+        s3, key = self.s3, self.s3._key(self.key)
+        if self.upload_id is None:
+            s3._call("write", self.key, s3.client.put_object, Bucket=s3.bucket, Key=key, Body=bytes(self.buf))
+        else:
+            if self.buf:
+                self._upload_part()
+            s3._call("upload", self.key, s3.client.complete_multipart_upload, Bucket=s3.bucket, Key=key,
+                     UploadId=self.upload_id, MultipartUpload={"Parts": self.parts})
+        self.buf = bytearray()
+
+    def abort(self) -> None:
+        if self.upload_id is not None:
+            with contextlib.suppress(Exception):
+                self.s3.client.abort_multipart_upload(Bucket=self.s3.bucket, Key=self.s3._key(self.key),
+                                                      UploadId=self.upload_id)
+
+
+class _RangeReader(io.RawIOBase):
+    """The read side of `S3Storage.open_read`: each read is a ranged GET at the current offset."""
+
+    def __init__(self, s3: S3Storage, key: str, size: int):
+        super().__init__()
+        self.s3, self.key, self.size, self.pos = s3, key, size, 0
+
+    def readable(self) -> bool:
+        return True
+
+    def seekable(self) -> bool:
+        return True
+
+    def tell(self) -> int:
+        return self.pos
+
+    def seek(self, offset: int, whence: int = io.SEEK_SET) -> int:
+        base = {io.SEEK_SET: 0, io.SEEK_CUR: self.pos, io.SEEK_END: self.size}[whence]
+        self.pos = max(0, base + offset)
+        return self.pos
+
+    def readinto(self, b) -> int:
+        n = min(len(b), self.size - self.pos)
+        if n <= 0:
+            return 0
+        s3 = self.s3
+        resp = s3._call("read", self.key, s3.client.get_object, Bucket=s3.bucket, Key=s3._key(self.key),
+                        Range=f"bytes={self.pos}-{self.pos + n - 1}")
+        data = resp["Body"].read()
+        memoryview(b).cast("B")[:len(data)] = data
+        self.pos += len(data)
+        return len(data)
 
 
 class _Taken(Exception):

@@ -7,12 +7,13 @@ offer `put_if_absent`, the one atomic primitive the adapter registry builds vers
 
 from __future__ import annotations
 
+import contextlib
 import os
 import shutil
 import tempfile
 from abc import ABC, abstractmethod
 from pathlib import Path
-from typing import Iterator
+from typing import BinaryIO, Iterator
 
 DEFAULT_ROOT = "./.herd/storage"
 
@@ -68,6 +69,15 @@ class Storage(ABC):
     def delete_prefix(self, prefix: str) -> None:
         for key in self.list_keys(prefix):
             self.delete(key)
+
+    @abstractmethod
+    def open_write(self, key: str) -> contextlib.AbstractContextManager[BinaryIO]:
+        """A writable binary stream that becomes `key` when the block exits without error (nothing
+        is left at `key` otherwise). Written as it goes: never buffered whole, locally or in memory."""
+
+    @abstractmethod
+    def open_read(self, key: str) -> contextlib.AbstractContextManager[BinaryIO]:
+        """A readable, seekable binary stream of `key`, fetched as it is read."""
 
     def read_text(self, key: str) -> str:
         return self.read_bytes(key).decode("utf-8")
@@ -144,6 +154,29 @@ class LocalStorage(Storage):
         os.close(fd)
         shutil.copyfile(local, tmp)
         os.replace(tmp, path)
+
+    @contextlib.contextmanager
+    def open_write(self, key: str) -> Iterator[BinaryIO]:
+        # The final folder, a temp name, then a rename: a reader never sees half a file.
+        path = self._path(key)
+        path.parent.mkdir(parents=True, exist_ok=True)
+        fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=".tmp-")
+        try:
+            with os.fdopen(fd, "wb") as f:
+                yield f
+            os.replace(tmp, path)
+        except BaseException:
+            Path(tmp).unlink(missing_ok=True)
+            raise
+
+    @contextlib.contextmanager
+    def open_read(self, key: str) -> Iterator[BinaryIO]:
+        try:
+            f = open(self._path(key), "rb")
+        except FileNotFoundError:
+            raise NotFound(f"{self.describe(key)}: not found") from None
+        with f:
+            yield f
 
     def download_file(self, key: str, local: str | Path) -> None:
         src = self._path(key)

@@ -36,6 +36,50 @@ def zero3_tuning(cfg: LlamaConfig) -> dict:
             "stage3_max_reuse_distance": int(min(1e9, layer))}
 
 
+def zero_tuning(cfg: LlamaConfig, stage: int) -> dict:
+    """DeepSpeed's ZeRO bucket sizes for this model (its defaults are sized for GPUs and 1B+ models).
+
+    ZeRO-1/2 keep a reduce bucket and an all-gather bucket of 5e8 elements by default (2 GB each
+    in fp32): bigger than a 200M model, so ZeRO-2 held every gradient whole until the bucket
+    filled at the end of the backward pass. Scaled like ZeRO-3's reduce bucket (hidden^2, what
+    transformers' "auto" picks). ZeRO-3: `zero3_tuning`.
+    """
+    if stage == 3:
+        return zero3_tuning(cfg)
+    if stage in (1, 2):
+        return {"reduce_bucket_size": cfg.dim * cfg.dim, "allgather_bucket_size": cfg.dim * cfg.dim}
+    return {}
+
+
+def share_fp32_master(optimizer) -> int:
+    """Let DeepSpeed's ZeRO optimizer update the model's own fp32 partition instead of a copy.
+
+    DeepSpeed keeps fp32 "master" weights beside the training-dtype partition it copies them
+    into after each step; when training in fp32 (CPU jobs) both hold the same numbers, and the
+    copy costs 4Ψ/N bytes per worker (ZeRO-3 means to skip it, but compares a torch.device with
+    a device-name string, which never matches; ZeRO-1/2 always clone). Call once after
+    `deepspeed.initialize` and before the first step or checkpoint load: the master tensors keep
+    their identity (the optimizer state is keyed by them), only their storage becomes the
+    model's. Does nothing in mixed precision. Returns the bytes freed.
+    """
+    import deepspeed.comm as ds_dist
+    if hasattr(optimizer, "fp32_partitioned_groups_flat"):  # ZeRO-3
+        pairs = list(zip(optimizer.fp32_partitioned_groups_flat, optimizer.fp16_partitioned_groups_flat))
+    elif hasattr(optimizer, "single_partition_of_fp32_groups"):  # ZeRO-1/2
+        pairs = [(master, parts[ds_dist.get_rank(group=group)]) for master, parts, group in
+                 zip(optimizer.single_partition_of_fp32_groups, optimizer.parallel_partitioned_bit16_groups,
+                     optimizer.real_dp_process_group)]
+    else:
+        return 0
+    freed = 0
+    for master, own in pairs:
+        if (master.dtype == own.dtype and master.device == own.device and master.shape == own.shape
+                and master.data_ptr() != own.data_ptr()):
+            freed += master.numel() * master.element_size()
+            master.data = own.data
+    return freed
+
+
 def load_partitioned(model: Transformer, directory: str | Path) -> int:
     """Fill the ZeRO-3 partitions of `model` (built under zero.Init) from safetensors; returns the
     number of elements this rank read (about a 1/N share of the model)."""

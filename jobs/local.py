@@ -61,7 +61,7 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m jobs.local")
     parser.add_argument("--job-id", required=True)
     parser.add_argument("--storage", default=os.environ.get("HERD_STORAGE"))
-    parser.add_argument("--checkpoints", default=None, help="keep checkpoints in this folder")
+    parser.add_argument("--checkpoints", default=None, help="keep checkpoints in this folder (or an s3:// prefix)")
     args = parser.parse_args(argv)
     try:
         run_local(args.job_id, open_storage(args.storage).url, args.checkpoints)

@@ -1,19 +1,18 @@
 """The job driver: `python -m jobs.run --job-id ID [--resume]`, started by Ray's Job Submission API.
 
-It reads the job spec from the storage root, runs the recipe on N Ray Train workers with
-checkpoints stored under `jobs/<id>/checkpoints/`, lets Ray Train restart a lost worker group
-from the last checkpoint (`FailureConfig(max_failures)`), and records the outcome in job.json.
+It reads the job spec from the storage root, runs the recipe on N Ray Train workers (each rank
+writes its checkpoint files under `jobs/<id>/checkpoints/run-<attempt>/`; Ray Train keeps its own
+run state beside them, in `attempt-<n>/`), lets Ray Train restart a lost worker group from the
+last checkpoint (`FailureConfig(max_failures)`), and records the outcome in job.json.
 """
 
 from __future__ import annotations
 
 import argparse
-import contextlib
 import logging
 import os
 import sys
 import traceback
-from typing import Iterator
 
 from cluster.job_store import JobStore
 from cluster.ray_cluster import forward_aws_requested, forwarded_env
@@ -21,40 +20,32 @@ from cluster.storage import open_storage
 
 
 class RayHooks:
-    """Recipe hooks backed by ray.train: report metrics/checkpoints, restore the latest.
+    """Recipe hooks under Ray Train: metrics to ray.train.report, checkpoints to the storage root.
 
-    Within a run, Ray Train hands a restarted worker group its last committed checkpoint.
-    A resumed job (`--resume`) starts a new run, so the checkpoint it continues from comes
-    from the storage root (Ray 2.60 refuses `resume_from_checkpoint`).
+    Each rank writes its checkpoint files straight to `<job>/checkpoints/run-<attempt>/` in the
+    storage root (jobs/checkpoints.py); Ray only sees metrics. A worker group that Ray Train
+    restarts after a lost worker continues from this run's latest complete checkpoint there; a
+    resumed job (`--resume`) starts a new run from the job's latest one (`resume_key`).
     """
 
-    def __init__(self, storage_url: str, resume_key: str | None = None):
-        self.storage_url = storage_url
+    def __init__(self, storage_url: str, run_prefix: str, resume_key: str | None = None):
+        self.storage = open_storage(storage_url)
+        self.run_prefix = run_prefix
         self.resume_key = resume_key
 
-    def report(self, metrics: dict, checkpoint_dir: str | None = None) -> None:
+    def report(self, metrics: dict) -> None:
         import ray.train
-        checkpoint = ray.train.Checkpoint.from_directory(checkpoint_dir) if checkpoint_dir else None
-        ray.train.report(metrics, checkpoint=checkpoint)
-        if checkpoint is not None:
-            # Wait until the controller has committed it: a worker lost right after a report
-            # must not send the restart back to an older checkpoint.
-            ray.train.get_all_reported_checkpoints(consistency_mode=ray.train.CheckpointConsistencyMode.COMMITTED)
+        ray.train.report(metrics)
 
-    @contextlib.contextmanager
-    def restored_checkpoint(self) -> Iterator[str | None]:
-        import ray.train
-        checkpoint = ray.train.get_checkpoint()
-        if checkpoint is not None:
-            with checkpoint.as_directory() as d:
-                yield d
-        elif self.resume_key is not None:
-            import tempfile
-            with tempfile.TemporaryDirectory() as d:
-                open_storage(self.storage_url).download_dir(self.resume_key, d)
-                yield d
-        else:
-            yield None
+    def checkpoint_place(self):
+        return self.storage, self.run_prefix
+
+    def restored_checkpoint(self):
+        from jobs.checkpoints import complete_checkpoints
+        mine = complete_checkpoints(self.storage, self.run_prefix)
+        if mine:
+            return self.storage, mine[-1][1]
+        return (self.storage, self.resume_key) if self.resume_key is not None else None
 
 
 def worker_main(config: dict) -> None:
@@ -62,7 +53,7 @@ def worker_main(config: dict) -> None:
     logging.getLogger("DeepSpeed").setLevel(logging.WARNING)
     from jobs.recipe import train
     store = JobStore(open_storage(config["storage"]))
-    hooks = RayHooks(config["storage"], config.get("resume_key"))
+    hooks = RayHooks(config["storage"], config["run_prefix"], config.get("resume_key"))
     train(store.spec(config["job_id"]), config["job_id"], config["storage"], hooks)
 
 
@@ -120,14 +111,14 @@ def run(job_id: str, storage_url: str, resume: bool) -> int:
         storage_path, fs = ray_storage(storage_url, job_id)
         trainer = TorchTrainer(
             worker_main,
-            train_loop_config={"job_id": job_id, "storage": storage_url, "resume_key": resume_key},
+            train_loop_config={"job_id": job_id, "storage": storage_url, "resume_key": resume_key,
+                               "run_prefix": f"{store.checkpoints_key(job_id)}/run-{record['attempts']}"},
             torch_config=TorchConfig(backend=process_group_backend(spec.use_gpu)),
             scaling_config=ray.train.ScalingConfig(num_workers=spec.workers, use_gpu=spec.use_gpu,
                                                    resources_per_worker={"CPU": spec.cpus_per_worker}),
             run_config=ray.train.RunConfig(
                 name=f"attempt-{record['attempts']}", storage_path=storage_path, storage_filesystem=fs,
                 failure_config=ray.train.FailureConfig(max_failures=spec.max_failures),
-                checkpoint_config=ray.train.CheckpointConfig(num_to_keep=2),
                 worker_runtime_env={"env_vars": env}),
         )
         trainer.fit()

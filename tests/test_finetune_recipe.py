@@ -2,6 +2,7 @@
 
 import json
 import math
+import uuid
 
 import pytest
 
@@ -12,7 +13,7 @@ from cluster.storage import open_storage
 from jobs.recipe import epoch_batches, lr_lambda
 from llama.sft_data import IGNORE, DataError, read_dataset, tokenize_dialog
 from llama.tokenizer import Tokenizer
-from train_helpers import make_job, run_recipe, write_jsonl
+from train_helpers import CheckpointProbe, make_job, run_recipe, write_jsonl
 
 GOOD = {"prompt": "Who made the light?", "completion": "God made it."}
 
@@ -120,6 +121,36 @@ def test_resume_from_checkpoint_continues_the_curve(tmp_path):
     resumed = run_recipe(url, "r1", tmp_path, restore=str(tmp_path / "ckpt-r1" / "step_000003"))
     assert resumed["first_step"] == 3 and len(resumed["losses"]) == 3
     assert max(abs(a - b) for a, b in zip(full["losses"][3:], resumed["losses"])) <= 1e-6
+
+
+def test_each_rank_streams_its_checkpoint_files_to_s3_and_resume_continues(tmp_path, seaweed, monkeypatch):
+    """ZeRO-3, 2 ranks, checkpoints on S3: every rank writes its own shard straight to the storage
+    root (no torch.save to a path, nothing in its temp folder), the run keeps its last two
+    checkpoints, and resuming from one continues the same loss curve."""
+    for key, value in seaweed.env().items():
+        monkeypatch.setenv(key, value)
+    url = str(tmp_path / "storage")
+    prefix = f"s3://herd/{uuid.uuid4().hex[:12]}"
+    make_job(url, "s3c", zero=3, workers=2, max_steps=6, checkpoint_every=2, batch_size=2)
+    full = run_recipe(url, "s3c", tmp_path, world=2, probe=CheckpointProbe, checkpoints=f"{prefix}/ckpt")
+
+    from jobs.checkpoints import complete_checkpoints
+    s3 = open_storage(prefix)
+    assert [step for step, _ in complete_checkpoints(s3, "ckpt")] == [4, 6]  # step 2 deleted: the last two kept
+    stored = set(s3.list_keys("ckpt/step_000006"))
+    for rank, probe in enumerate(full["probes"]):
+        assert probe["path_saves"] == [] and probe["temp_files"] == [], probe
+        mine = {k for k in probe["saved_keys"] if k.startswith("ckpt/step_000006/")}
+        assert f"ckpt/step_000006/state/zero_pp_rank_{rank}_mp_rank_00_optim_states.pt" in mine
+        assert f"ckpt/step_000006/state/zero_pp_rank_{1 - rank}_mp_rank_00_optim_states.pt" not in mine
+        assert mine <= stored
+    written = {k for p in full["probes"] for k in p["saved_keys"] if k.startswith("ckpt/step_000006/")}
+    assert {k for k in stored if k.endswith(".pt")} == written
+
+    resumed = run_recipe(url, "s3c", tmp_path, world=2, checkpoints=f"{prefix}/ckpt",
+                         restore=f"{prefix}/ckpt/step_000004")
+    assert resumed["first_step"] == 4 and len(resumed["losses"]) == 2
+    assert max(abs(a - b) for a, b in zip(full["losses"][4:], resumed["losses"])) <= 1e-6
 
 
 def test_lora_job_publishes_a_version_with_metadata(tmp_path):

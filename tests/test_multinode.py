@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import socket
 import sys
 import threading
@@ -236,8 +237,10 @@ def test_finetune_across_nodes_survives_losing_one(nodes, s3_url, tmp_path):
     print(f"[timing] finished after {time.time() - t0:.0f}s", file=sys.stderr)
     assert record["state"] == "SUCCEEDED", record
     seen = steps()
-    restart = next(i for i in range(1, len(seen)) if seen[i] <= seen[i - 1])
-    assert seen[restart] > 1  # resumed from a checkpoint in S3, not from step 1
+    # Resumed from a checkpoint in S3, not from step 1 (no step repeats when the node went right
+    # after a checkpoint, so the worker's own line says where it resumed).
+    resumed = [int(n) for n in re.findall(r"resuming at step (\d+)", finetune.logs(storage, job_id))]
+    assert resumed and min(resumed) >= 2 and seen.count(1) == 1, (resumed, seen)
     assert seen[-1] == STEPS
     assert AdapterRegistry(storage).show("mn")["job_id"] == job_id  # published to the S3 root
     assert [d["model"] for d in nodes.downloads("c")] == ["base"]  # c fetched the base once, for itself

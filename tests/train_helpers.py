@@ -60,14 +60,15 @@ def _worker(rank: int, world: int, port: int, storage_url: str, job_id: str, ckp
 
 
 def run_recipe(storage_url: str, job_id: str, workdir: Path, world: int = 1, restore: str | None = None,
-               probe=None) -> dict:
-    """Run the recipe on `world` local processes; returns rank 0's result.
+               probe=None, checkpoints: str | None = None) -> dict:
+    """Run the recipe on `world` local processes; returns rank 0's result. Checkpoints go to
+    `checkpoints` (default: the folder workdir/ckpt-<job>); `restore` names a checkpoint folder.
 
     `probe(rank, path)` (a top-level class, e.g. `ParamProbe`) is called in each worker and gets
     the model once DeepSpeed holds it; its `save()` writes what it saw to `path`, returned under
     "probes" (one entry per rank)."""
     out = workdir / f"result-{job_id}-{os.getpid()}-{restore is not None}.json"
-    ckpt = workdir / f"ckpt-{job_id}"
+    ckpt = checkpoints or workdir / f"ckpt-{job_id}"  # a folder, or an s3:// prefix
     mp.start_processes(_worker, args=(world, _free_port(), storage_url, job_id, str(ckpt), restore, str(out), probe),
                        nprocs=world, join=True, start_method="spawn")
     result = json.loads(out.read_text())
@@ -137,3 +138,41 @@ class ParamProbe:
                                                "model_bytes": self.model_bytes,
                                                "partition_bytes": self.partition_bytes,
                                                "gathered": self.gathered}))
+
+
+class CheckpointProbe:
+    """Watches how a rank writes checkpoints: every key its storage checkpoint engine wrote, every
+    torch.save aimed at a file path (staging on disk), and any non-empty file that appears in
+    this worker's temp folder (a fresh one, set here) while a checkpoint is written."""
+
+    def __init__(self, rank: int, path: str):
+        self.rank, self.path = rank, path
+        self.saved_keys: list[str] = []
+        self.path_saves: list[str] = []
+        self.temp_files: list[str] = []
+
+    def __call__(self, module) -> None:
+        import tempfile
+
+        import torch
+
+        import jobs.checkpoints
+        tempfile.tempdir = tempfile.mkdtemp(prefix=f"worker{self.rank}-")
+        plain_save, engine_save = torch.save, jobs.checkpoints.StorageCheckpointEngine.save
+
+        def save(obj, f, *args, **kwargs):
+            if isinstance(f, (str, os.PathLike)):
+                self.path_saves.append(str(f))
+            return plain_save(obj, f, *args, **kwargs)
+
+        def engine_save_and_look(engine, state_dict, path):
+            engine_save(engine, state_dict, path)
+            self.saved_keys.append(engine.key(path))
+            self.temp_files += [str(p) for p in Path(tempfile.tempdir).rglob("*") if p.is_file() and p.stat().st_size]
+
+        torch.save = save
+        jobs.checkpoints.StorageCheckpointEngine.save = engine_save_and_look
+
+    def save(self) -> None:
+        Path(self.path).write_text(json.dumps({"saved_keys": self.saved_keys, "path_saves": self.path_saves,
+                                               "temp_files": self.temp_files}))
