@@ -128,13 +128,8 @@ class LocalStorage(Storage):
             raise NotFound(f"{self.describe(key)}: not found") from None
 
     def write_bytes(self, key: str, data: bytes) -> None:
-        # Write to a temp file and rename, so a reader never sees half a file.
-        path = self._path(key)
-        path.parent.mkdir(parents=True, exist_ok=True)
-        fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=".tmp-")
-        with os.fdopen(fd, "wb") as f:
+        with self.open_write(key) as f:
             f.write(data)
-        os.replace(tmp, path)
 
     def put_if_absent(self, key: str, data: bytes) -> bool:
         path = self._path(key)
@@ -148,12 +143,8 @@ class LocalStorage(Storage):
         return True
 
     def upload_file(self, local: str | Path, key: str) -> None:
-        path = self._path(key)
-        path.parent.mkdir(parents=True, exist_ok=True)
-        fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=".tmp-")
-        os.close(fd)
-        shutil.copyfile(local, tmp)
-        os.replace(tmp, path)
+        with open(local, "rb") as src, self.open_write(key) as f:
+            shutil.copyfileobj(src, f)
 
     @contextlib.contextmanager
     def open_write(self, key: str) -> Iterator[BinaryIO]:

@@ -37,7 +37,6 @@ from cluster.registry import AdapterRegistry
 from cluster.storage import Storage, open_storage
 from jobs import checkpoints
 from jobs.accelerator import training_dtype, use_accelerator
-from jobs.checkpoints import DS_TAG, STATE_FILE  # noqa: F401 - where tests and tools look for them
 from jobs.packing import DocumentMask, collate_packed, pack_examples
 from llama.config import LlamaConfig
 from llama.lora import LoraSpec, apply_lora, lora_layers, save_adapter

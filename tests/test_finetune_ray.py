@@ -81,7 +81,8 @@ def test_full_finetune_zero3_publishes_consolidated_weights(tmp_path, storage_di
     assert record["result"] == {**record["result"], "kind": "model", "name": "base-full"}
     # Consolidate the final ZeRO-3 checkpoint independently and compare logits.
     from deepspeed.utils.zero_to_fp32 import get_fp32_state_dict_from_zero_checkpoint
-    from jobs.recipe import DS_TAG, checkpoint_steps
+    from jobs.checkpoints import DS_TAG
+    from jobs.recipe import checkpoint_steps
     step, folder = checkpoint_steps(JobStore(storage), job_id)[-1]
     assert step == 4
     state = get_fp32_state_dict_from_zero_checkpoint(str(storage_dir / folder), tag=DS_TAG)

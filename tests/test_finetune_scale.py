@@ -122,7 +122,7 @@ def test_zero3_never_holds_the_whole_model_and_streams_its_publish(tmp_path):
     module sees at most a fraction of the weights whole), and the published
     model, written shard by shard, equals DeepSpeed's zero_to_fp32 consolidation of the checkpoint."""
     from deepspeed.utils.zero_to_fp32 import get_fp32_state_dict_from_zero_checkpoint
-    from jobs.recipe import DS_TAG
+    from jobs.checkpoints import DS_TAG
     url = str(tmp_path / "storage")
     deep_model(url)
     make_job(url, "z3", model="deep", method="full", zero=3, workers=2, max_steps=2, batch_size=2, lr=1e-3,
