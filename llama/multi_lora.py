@@ -151,6 +151,7 @@ def set_rows(layers: dict[str, MultiLoraLinear], indices: torch.Tensor, used: se
     if used is None:
         used = set(indices.tolist())
     used = set(used) - {0}
-    next(iter(layers.values())).rows.set(indices)
     for layer in layers.values():
         layer.active = all_active or bool(used & layer.loaded)
+    if any(layer.active for layer in layers.values()):  # a base-only step needs no per-row weights
+        next(iter(layers.values())).rows.set(indices)
