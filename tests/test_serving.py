@@ -229,7 +229,18 @@ def test_metrics_and_chat_cli(served):
     assert r.output == expected + "\n"  # the streamed answer, as the endpoint gives it
     assert herd_json("chat", "--adapter", "a3", "--max-tokens", "6", "Who made the light?", env=env) == {
         "model": "base:a3", "text": expected}
-    text = httpx.get(served["url"] + "/metrics", headers={"Authorization": f"Bearer {API_KEY}"}).text
+    # Metrics are per replica: read them from the replica that served an a3 request (named in the
+    # x-herd-replica header); with several replicas a /metrics call may land on another one.
+    auth = {"Authorization": f"Bearer {API_KEY}"}
+    served_by = httpx.post(served["url"] + "/v1/chat/completions", headers=auth, timeout=60, json={
+        "model": "base:a3", "messages": [{"role": "user", "content": "Who made the light?"}],
+        "max_tokens": 2}).headers["x-herd-replica"]
+    for _ in range(200):
+        r = httpx.get(served["url"] + "/metrics", headers=auth, timeout=30)
+        if r.headers["x-herd-replica"] == served_by:
+            break
+    assert r.headers["x-herd-replica"] == served_by
+    text = r.text
     for name in ("herd_requests_total", "herd_prompt_tokens_total", "herd_completion_tokens_total",
                  "herd_time_to_first_token_seconds_bucket", "herd_resident_adapters", "herd_running_requests"):
         assert name in text, name
